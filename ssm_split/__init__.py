@@ -1,0 +1,44 @@
+"""ssm_split: move a request's recurrent (Mamba / GDN / linear-attention) state between
+engines of different tensor-parallel sizes.
+
+The core is pure: frozen specs in, frozen byte-range plans out. The NIXL backend
+(`ssm_split.nixl_backend`) executes plans; `ssm_split.reference` is a numpy model used
+to check them.
+
+    spec = ssm_split.model("granite-4.0-h-tiny")          # or Mamba2Spec(...), GDNSpec(...)
+    ssm_split.page_layout(spec, tp=2, rank=0)              # where each segment lives
+    plan = ssm_split.plan_reads(spec, src_tp=1, dst_tp=2, dst_rank=0)
+    print(plan.format_table())
+"""
+
+from ._errors import BlockRangeError as BlockRangeError
+from ._errors import HandshakeError as HandshakeError
+from ._errors import PlanError as PlanError
+from ._errors import ShardingError as ShardingError
+from ._errors import SpecError as SpecError
+from ._errors import SpecMismatchError as SpecMismatchError
+from ._errors import SsmSplitError as SsmSplitError
+from ._errors import TransferError as TransferError
+from ._layout import PageLayout as PageLayout
+from ._layout import Segment as Segment
+from ._layout import UnitRange as UnitRange
+from ._layout import page_layout as page_layout
+from ._layout import rank_units as rank_units
+from ._layout import sharded_shapes as sharded_shapes
+from ._layout import sub_projection_widths as sub_projection_widths
+from ._plan import Plan as Plan
+from ._plan import Read as Read
+from ._plan import plan_all as plan_all
+from ._plan import plan_reads as plan_reads
+from ._render import format_layout as format_layout
+from ._spec import DTYPE_NBYTES as DTYPE_NBYTES
+from ._spec import GDNSpec as GDNSpec
+from ._spec import LinearAttentionSpec as LinearAttentionSpec
+from ._spec import Mamba1Spec as Mamba1Spec
+from ._spec import Mamba2Spec as Mamba2Spec
+from ._spec import Part as Part
+from ._spec import ShortConvSpec as ShortConvSpec
+from ._spec import Spec as Spec
+from ._spec import check_transferable as check_transferable
+
+__version__ = "0.1.0"

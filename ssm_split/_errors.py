@@ -1,0 +1,67 @@
+"""The typed errors of ssm_split.
+
+Every error a user can trigger is a subclass of `SsmSplitError`. Errors about bad
+input are also `ValueError`s, so callers that already catch `ValueError` keep working.
+Messages say what was rejected, why, and how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SsmSplitError",
+    "SpecError",
+    "ShardingError",
+    "SpecMismatchError",
+    "PlanError",
+    "BlockRangeError",
+    "HandshakeError",
+    "TransferError",
+]
+
+
+class SsmSplitError(Exception):
+    """Base class of every error raised by ssm_split."""
+
+
+class SpecError(SsmSplitError, ValueError):
+    """A state spec (or a model config it was built from) has an impossible field."""
+
+
+class ShardingError(SpecError):
+    """A spec cannot be sharded on the requested number of tensor-parallel ranks."""
+
+
+class SpecMismatchError(SpecError):
+    """The src and dst sides describe states that cannot be copied into each other."""
+
+
+class PlanError(SsmSplitError, ValueError):
+    """A plan was asked for, or applied, with arguments that do not fit it."""
+
+
+class BlockRangeError(PlanError):
+    """A block id or layer index lies outside the memory a side registered."""
+
+
+class HandshakeError(SsmSplitError, ValueError):
+    """A handshake could not be decoded, or does not match the reader's own state."""
+
+
+class TransferError(SsmSplitError, RuntimeError):
+    """A transfer failed, timed out, or its peer went away; the data is not valid.
+
+    Attributes:
+        request: the request id the failed transfer belonged to, or None.
+        peer: the name of the remote agent involved, or None.
+    """
+
+    def __init__(self, message: str, *, request: str | None = None, peer: str | None = None):
+        detail = []
+        if request is not None:
+            detail.append(f"request {request!r}")
+        if peer is not None:
+            detail.append(f"peer {peer!r}")
+        prefix = f"[{', '.join(detail)}] " if detail else ""
+        super().__init__(prefix + message)
+        self.request = request
+        self.peer = peer
