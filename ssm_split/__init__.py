@@ -19,6 +19,7 @@ from ._errors import SpecError as SpecError
 from ._errors import SpecMismatchError as SpecMismatchError
 from ._errors import SsmSplitError as SsmSplitError
 from ._errors import TransferError as TransferError
+from ._hf_config import from_hf_config as from_hf_config
 from ._layout import PageLayout as PageLayout
 from ._layout import Segment as Segment
 from ._layout import UnitRange as UnitRange
@@ -30,6 +31,10 @@ from ._plan import Plan as Plan
 from ._plan import Read as Read
 from ._plan import plan_all as plan_all
 from ._plan import plan_reads as plan_reads
+from ._presets import ModelInfo as ModelInfo
+from ._presets import model as model
+from ._presets import models as models
+from ._presets import preset_info as preset_info
 from ._render import format_layout as format_layout
 from ._spec import DTYPE_NBYTES as DTYPE_NBYTES
 from ._spec import GDNSpec as GDNSpec
