@@ -1,0 +1,478 @@
+"""Plans -> NIXL descriptor arrays for a batch of requests (vectorized numpy).
+
+A `Plan` says which byte ranges of a page a dst rank reads from each src rank. To move a
+batch of requests, every read is repeated for every (layer, request) and turned into
+absolute addresses on both sides. Each side describes its memory as a `RegionSet`: per
+layer, where the page of block `b` lives (`base_addr + b * page_stride_nbytes`), how long
+a page is, and which registered buffer holds it. The two sides may pad and stride their
+pages differently.
+
+`expand_plan` builds, for every src rank the plan reads from, two `(M, 3)` uint64 arrays
+`(addr, nbytes, device_id)`: the dst (local) and src (remote) descriptors, ready for
+NIXL's `get_xfer_descs` / `prep_xfer_dlist`. Descriptors are emitted in ascending dst
+address order, and runs that are contiguous on both sides inside one registered buffer
+are merged into one: across adjacent segments, consecutive blocks and adjacent layers.
+There is no Python loop per block or per layer.
+
+Example, equal TP, pages without padding, one buffer per layer (vLLM's layout)::
+
+    layer 0 pages   | b0 | b1 | b2 | b3 |        pairs (src 1 -> dst 2), (src 2 -> dst 3)
+    src  b1 b2  ->  dst b2 b3 : contiguous on both sides -> one descriptor per layer
+
+With the block-major layout (`RegionSet.packed(..., order="block")`, all layers of one
+block next to each other) the same batch merges across layers too: one descriptor per
+block pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence, Union
+
+import numpy as np
+
+from ._errors import BlockRangeError, PlanError
+from ._plan import Plan
+
+__all__ = ["Buffer", "LayerRegion", "RegionSet", "RankDescriptors", "Expansion", "expand_plan"]
+
+_U64 = np.uint64
+
+
+def _check_int(owner: str, name: str, value: object, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise PlanError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}.")
+
+
+@dataclass(frozen=True, slots=True)
+class Buffer:
+    """One registered memory buffer: `nbytes` bytes at `addr` on device `device_id`
+    (0 for host memory). NIXL descriptors never cross a buffer's bounds."""
+
+    addr: int
+    nbytes: int
+    device_id: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("Buffer", "addr", self.addr)
+        _check_int("Buffer", "nbytes", self.nbytes, 1)
+        _check_int("Buffer", "device_id", self.device_id)
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.nbytes
+
+
+@dataclass(frozen=True, slots=True)
+class LayerRegion:
+    """Where one layer's pages live on one rank.
+
+    The page of block `b` is the `page_nbytes` bytes at
+    `base_addr + b * page_stride_nbytes`, for `b` in `[0, num_blocks)`; it lies inside
+    buffer number `buffer` of the enclosing `RegionSet`. `page_nbytes` is the whole page
+    (content and padding); `page_stride_nbytes >= page_nbytes` unless there is one block.
+    """
+
+    base_addr: int
+    page_nbytes: int
+    page_stride_nbytes: int
+    num_blocks: int
+    buffer: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("LayerRegion", "base_addr", self.base_addr)
+        _check_int("LayerRegion", "page_nbytes", self.page_nbytes, 1)
+        _check_int("LayerRegion", "page_stride_nbytes", self.page_stride_nbytes, 1)
+        _check_int("LayerRegion", "num_blocks", self.num_blocks, 1)
+        _check_int("LayerRegion", "buffer", self.buffer)
+        if self.num_blocks > 1 and self.page_stride_nbytes < self.page_nbytes:
+            raise PlanError(
+                f"LayerRegion: pages of {self.page_nbytes} bytes spaced "
+                f"{self.page_stride_nbytes} bytes apart overlap. The page stride must be "
+                f">= the page size."
+            )
+
+    @property
+    def extent_nbytes(self) -> int:
+        """Bytes from the first page's start to the last page's end."""
+        return (self.num_blocks - 1) * self.page_stride_nbytes + self.page_nbytes
+
+
+@dataclass(frozen=True, slots=True)
+class RegionSet:
+    """One rank's state memory: one `LayerRegion` per layer, and the buffers holding them.
+
+    Attributes:
+        layers: per layer (index = layer id), where its pages are.
+        buffers: the registered buffers; every layer's pages lie inside
+            `buffers[layer.buffer]`. A layer's device is its buffer's device.
+    """
+
+    layers: tuple[LayerRegion, ...]
+    buffers: tuple[Buffer, ...]
+
+    def __post_init__(self) -> None:
+        for name, kind in (("layers", LayerRegion), ("buffers", Buffer)):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not value or not all(isinstance(v, kind) for v in value):
+                raise PlanError(
+                    f"RegionSet.{name} must be a non-empty tuple of {kind.__name__}, got {value!r}."
+                )
+        for index, layer in enumerate(self.layers):
+            if layer.buffer >= len(self.buffers):
+                raise PlanError(
+                    f"RegionSet: layer {index} names buffer {layer.buffer}, but there are "
+                    f"only {len(self.buffers)} buffers."
+                )
+            buffer = self.buffers[layer.buffer]
+            if layer.base_addr < buffer.addr or layer.base_addr + layer.extent_nbytes > buffer.end:
+                raise PlanError(
+                    f"RegionSet: layer {index}'s pages [{layer.base_addr:#x}, "
+                    f"{layer.base_addr + layer.extent_nbytes:#x}) leave buffer {layer.buffer} "
+                    f"[{buffer.addr:#x}, {buffer.end:#x}). Describe memory that was registered."
+                )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def device_id(self, layer: int) -> int:
+        """The device holding `layer`'s pages."""
+        return self.buffers[self.layers[layer].buffer].device_id
+
+    def page_addr(self, layer: int, block: int) -> int:
+        """Address of the page of `block` in `layer` (no range check)."""
+        region = self.layers[layer]
+        return region.base_addr + block * region.page_stride_nbytes
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Per-layer fields as uint64 arrays of shape `(num_layers,)`: `base_addr`,
+        `page_nbytes`, `page_stride_nbytes`, `num_blocks`, `buffer`, `device_id`."""
+        rows = [(r.base_addr, r.page_nbytes, r.page_stride_nbytes, r.num_blocks, r.buffer,
+                 self.buffers[r.buffer].device_id) for r in self.layers]
+        table = np.array(rows, dtype=_U64).reshape(len(rows), 6)
+        names = ("base_addr", "page_nbytes", "page_stride_nbytes", "num_blocks", "buffer", "device_id")
+        return {name: table[:, i] for i, name in enumerate(names)}
+
+    @classmethod
+    def packed(cls, base_addr: int, *, num_layers: int, num_blocks: int, page_nbytes: int,
+               order: str = "layer", device_id: int = 0) -> "RegionSet":
+        """Every layer's pages in one buffer of `num_layers * num_blocks * page_nbytes`
+        bytes at `base_addr`.
+
+        `order="layer"`: layer-major, `[layer 0: b0 b1 ...][layer 1: b0 b1 ...]...`, as
+        vLLM lays out one tensor per layer. `order="block"`: block-major, `[b0: layer 0,
+        layer 1, ...][b1: ...]`, so one read can cover the pages of many layers.
+        """
+        for name, value in (("num_layers", num_layers), ("num_blocks", num_blocks),
+                            ("page_nbytes", page_nbytes)):
+            _check_int("RegionSet.packed", name, value, 1)
+        if order == "layer":
+            layer_step, stride = num_blocks * page_nbytes, page_nbytes
+        elif order == "block":
+            layer_step, stride = page_nbytes, num_layers * page_nbytes
+        else:
+            raise PlanError(f"RegionSet.packed: order must be \"layer\" or \"block\", got {order!r}.")
+        layers = tuple(LayerRegion(base_addr + layer * layer_step, page_nbytes, stride, num_blocks)
+                       for layer in range(num_layers))
+        return cls(layers, (Buffer(base_addr, num_layers * num_blocks * page_nbytes, device_id),))
+
+    @classmethod
+    def per_layer(cls, base_addrs: Sequence[int], *, num_blocks: int, page_nbytes: int,
+                  device_id: int = 0) -> "RegionSet":
+        """One buffer per layer (`num_blocks` back-to-back pages at `base_addrs[layer]`),
+        as when every layer's state is its own tensor. Nothing merges across layers."""
+        layers = tuple(LayerRegion(addr, page_nbytes, page_nbytes, num_blocks, buffer=i)
+                       for i, addr in enumerate(base_addrs))
+        buffers = tuple(Buffer(addr, num_blocks * page_nbytes, device_id) for addr in base_addrs)
+        return cls(layers, buffers)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RankDescriptors:
+    """The descriptors of one src rank's READ.
+
+    Attributes:
+        src_rank: the src rank read from.
+        dst_descs: shape `(M, 3)` uint64 `(addr, nbytes, device_id)`, local (dst) side,
+            in ascending address order; read-only.
+        src_descs: shape `(M, 3)` uint64, remote (src) side; row `i` pairs with
+            `dst_descs[i]` and has the same `nbytes`; read-only.
+        n_reads: plan reads x layers x requests, before merging.
+    """
+
+    src_rank: int
+    dst_descs: np.ndarray
+    src_descs: np.ndarray
+    n_reads: int
+
+    @property
+    def n_descriptors(self) -> int:
+        return int(self.dst_descs.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.dst_descs[:, 1].sum())
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Expansion:
+    """A plan expanded over a batch: one `RankDescriptors` per src rank read from.
+
+    Attributes:
+        plan: the dst rank's plan.
+        block_pairs: shape `(N, 2)` int64 `(src_block, dst_block)`, sorted by dst block.
+        layers: shape `(m,)` int64, the layers moved.
+        ranks: by ascending src rank; a src rank the plan does not read from is absent.
+    """
+
+    plan: Plan
+    block_pairs: np.ndarray
+    layers: np.ndarray
+    ranks: tuple[RankDescriptors, ...]
+
+    @property
+    def n_reads(self) -> int:
+        return sum(r.n_reads for r in self.ranks)
+
+    @property
+    def n_descriptors(self) -> int:
+        return sum(r.n_descriptors for r in self.ranks)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.ranks)
+
+    def for_rank(self, src_rank: int) -> RankDescriptors:
+        for r in self.ranks:
+            if r.src_rank == src_rank:
+                return r
+        raise PlanError(f"The plan reads nothing from src rank {src_rank}; it reads from "
+                        f"{[r.src_rank for r in self.ranks]}.")
+
+
+SrcRegions = Union[Mapping[int, RegionSet], Sequence[RegionSet]]
+
+
+def _src_region_map(plan: Plan, src_regions: SrcRegions) -> dict[int, RegionSet]:
+    mapping = dict(src_regions) if isinstance(src_regions, Mapping) else dict(enumerate(src_regions))
+    for rank in plan.src_ranks:
+        if not isinstance(mapping.get(rank), RegionSet):
+            raise PlanError(
+                f"The plan reads from src rank {rank}, but no RegionSet was given for it "
+                f"(given: {sorted(mapping)}). Pass one RegionSet per src rank."
+            )
+    return mapping
+
+
+def _check_pairs(block_pairs: object) -> np.ndarray:
+    pairs = np.asarray(block_pairs)
+    if pairs.ndim != 2 or pairs.shape[1] != 2 or not np.issubdtype(pairs.dtype, np.integer):
+        raise PlanError(
+            f"block_pairs must be an integer array of shape (N, 2) of (src_block, dst_block), "
+            f"got dtype {pairs.dtype} and shape {pairs.shape}."
+        )
+    return pairs.astype(np.int64, copy=False)
+
+
+def _check_layers(layers: object, sides: list[tuple[str, RegionSet]]) -> np.ndarray:
+    n_layers = min(regions.num_layers for _, regions in sides)
+    if layers is None:
+        return np.arange(n_layers, dtype=np.int64)
+    ids = np.asarray(layers)
+    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise PlanError(f"layers must be a 1-D sequence of ints, got {layers!r}.")
+    ids = ids.astype(np.int64, copy=False)
+    for side, regions in sides:
+        bad = ids[(ids < 0) | (ids >= regions.num_layers)]
+        if bad.size:
+            raise BlockRangeError(
+                f"Layer {int(bad[0])} is out of range: the {side} side registered "
+                f"{regions.num_layers} layers (0..{regions.num_layers - 1})."
+            )
+    if np.unique(ids).size != ids.size:
+        raise PlanError(f"layers must not repeat a layer, got {ids.tolist()}.")
+    return ids
+
+
+def _check_side(side: str, cols: dict[str, np.ndarray], layer_ids: np.ndarray,
+                blocks: np.ndarray, content_nbytes: int) -> None:
+    small = layer_ids[cols["page_nbytes"][layer_ids] < content_nbytes]
+    if small.size:
+        layer = int(small[0])
+        raise PlanError(
+            f"The {side} pages of layer {layer} are {int(cols['page_nbytes'][layer])} bytes, "
+            f"smaller than the plan's {side} content of {content_nbytes} bytes. Register "
+            f"pages of at least that size (a different spec or TP size?)."
+        )
+    if blocks.size == 0 or layer_ids.size == 0:
+        return
+    num_blocks = cols["num_blocks"][layer_ids].astype(np.int64)
+    fewest = int(np.argmin(num_blocks))
+    low, high = int(blocks.min()), int(blocks.max())
+    if low < 0 or high >= int(num_blocks[fewest]):
+        layer = int(layer_ids[fewest])
+        count = int(num_blocks[fewest])
+        raise BlockRangeError(
+            f"{side} block id {low if low < 0 else high} is out of range for layer {layer}, "
+            f"which has {count} blocks (ids 0..{count - 1}). Use block ids of pages that "
+            f"the {side} side registered."
+        )
+
+
+def _page_order(dst_grid: np.ndarray) -> tuple[str, np.ndarray | None]:
+    """How to walk the `(m, N)` grid of dst page addresses in ascending order."""
+    flat = dst_grid.ravel()
+    if flat.size < 2 or bool(np.all(flat[1:] > flat[:-1])):
+        return "layer", None
+    flat_t = dst_grid.T.ravel()
+    if bool(np.all(flat_t[1:] > flat_t[:-1])):
+        return "block", None
+    return "sorted", np.argsort(flat, kind="stable")
+
+
+def _walk(grid: np.ndarray, order: str, perm: np.ndarray | None) -> np.ndarray:
+    if order == "layer":
+        return grid.ravel()
+    if order == "block":
+        return grid.T.ravel()
+    return grid.ravel()[perm]
+
+
+def _grid(cols: dict[str, np.ndarray], layer_ids: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    base = cols["base_addr"][layer_ids][:, None]
+    stride = cols["page_stride_nbytes"][layer_ids][:, None]
+    return base + stride * blocks.astype(_U64)[None, :]
+
+
+def _check_dst_overlap(dst_pages: np.ndarray, dst_page_nbytes: np.ndarray) -> None:
+    if dst_pages.size > 1:
+        clash = np.flatnonzero(dst_pages[:-1] + dst_page_nbytes[:-1] > dst_pages[1:])
+        if clash.size:
+            i = int(clash[0])
+            raise PlanError(
+                f"dst pages at {int(dst_pages[i]):#x} ({int(dst_page_nbytes[i])} bytes) and "
+                f"{int(dst_pages[i + 1]):#x} overlap: the dst RegionSet places two (layer, "
+                f"block) pages on the same bytes. Give every layer its own memory."
+            )
+
+
+def _merged_reads(plan: Plan, src_rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The plan's reads from `src_rank` by dst offset, merged where contiguous on both
+    sides: `(src_offset, dst_offset, nbytes)` as uint64 arrays of shape `(k,)`."""
+    runs: list[list[int]] = []
+    for read in sorted(plan.reads_from(src_rank), key=lambda r: r.dst_offset):
+        last = runs[-1] if runs else None
+        if last and last[0] + last[2] == read.src_offset and last[1] + last[2] == read.dst_offset:
+            last[2] += read.nbytes
+        else:
+            runs.append([read.src_offset, read.dst_offset, read.nbytes])
+    table = np.array(runs, dtype=_U64).reshape(len(runs), 3)
+    return table[:, 0], table[:, 1], table[:, 2]
+
+
+def _descriptors(dst_pages, src_pages, dst_dev, src_dev, joinable, src_off, dst_off, lengths):
+    """Per-page reads -> merged `(M, 3)` arrays for both sides.
+
+    `dst_pages`, `src_pages`: shape `(P,)` page addresses in ascending dst order;
+    `joinable`: shape `(P - 1,)`, True where page `p` and `p + 1` share a buffer on both
+    sides. Reads inside one page are already maximal, so runs can only join across the
+    boundary between the last read of page `p` and the first read of page `p + 1`.
+    """
+    n_pages, k = dst_pages.size, lengths.size
+    dst = np.empty((n_pages, k, 3), dtype=_U64)
+    src = np.empty((n_pages, k, 3), dtype=_U64)
+    dst[:, :, 0] = dst_pages[:, None] + dst_off[None, :]
+    src[:, :, 0] = src_pages[:, None] + src_off[None, :]
+    dst[:, :, 1] = lengths[None, :]
+    src[:, :, 1] = lengths[None, :]
+    dst[:, :, 2] = dst_dev[:, None]
+    src[:, :, 2] = src_dev[:, None]
+    dst, src = dst.reshape(n_pages * k, 3), src.reshape(n_pages * k, 3)
+    if n_pages > 1:
+        last, first = k - 1, 0
+        join = joinable.copy()
+        join &= dst[last:-1:k, 0] + lengths[last] == dst[k + first::k, 0]
+        join &= src[last:-1:k, 0] + lengths[last] == src[k + first::k, 0]
+        if join.any():
+            is_start = np.ones(n_pages * k, dtype=bool)
+            is_start[k::k] = ~join
+            starts = np.flatnonzero(is_start)
+            merged = np.add.reduceat(dst[:, 1], starts)
+            dst, src = dst[starts], src[starts]
+            dst[:, 1] = merged
+            src[:, 1] = merged
+    dst.flags.writeable = False
+    src.flags.writeable = False
+    return dst, src
+
+
+def expand_plan(plan: Plan, src_regions: SrcRegions, dst_regions: RegionSet,
+                block_pairs: object, *, layers: object = None) -> Expansion:
+    """Expand `plan` over a batch of requests into NIXL descriptors, per src rank.
+
+    Args:
+        plan: the dst rank's plan (`plan_reads`); the same reads apply to every layer.
+        src_regions: each src rank's memory, as a mapping `{src_rank: RegionSet}` or a
+            sequence indexed by src rank; needed for every rank in `plan.src_ranks`.
+        dst_regions: the dst rank's memory.
+        block_pairs: shape `(N, 2)` integers `(src_block, dst_block)`, one row per
+            request; dst blocks must be distinct, in any order.
+        layers: layer ids to move (default: every layer both sides registered). Layer
+            `l` is read from the src's layer `l` into the dst's layer `l`.
+
+    Returns:
+        An `Expansion` with, per src rank, `(M, 3)` uint64 `(addr, nbytes, device_id)`
+        arrays for the dst (local) and src (remote) sides, merged where contiguous on
+        both sides within one buffer, in ascending dst address order.
+
+    Raises:
+        BlockRangeError: a block id or layer lies outside a side's registered regions.
+        PlanError: malformed arguments, a page smaller than the plan's content, a
+            repeated dst block, or dst pages that overlap.
+
+    Example: Granite-4.0-H-Tiny 1 -> 2, dst rank 0, 48 layers, 64 requests: the plan has
+    2 reads per page, so 6144 reads; block-major pages without padding merge the
+    `B|C|T0` read of one layer with the `x0` read of the next only when both sides are
+    contiguous, which hetero TP never is, so 6144 descriptors remain.
+    """
+    if not isinstance(plan, Plan):
+        raise PlanError(f"plan must be a Plan (from plan_reads), got {type(plan).__name__}.")
+    if not isinstance(dst_regions, RegionSet):
+        raise PlanError(f"dst_regions must be a RegionSet, got {type(dst_regions).__name__}.")
+    src_map = _src_region_map(plan, src_regions)
+    pairs = _check_pairs(block_pairs)
+    sides = [("dst", dst_regions)] + [(f"src rank {r}", src_map[r]) for r in plan.src_ranks]
+    layer_ids = _check_layers(layers, sides)
+    dst_cols = dst_regions.columns()
+    _check_side("dst", dst_cols, layer_ids, pairs[:, 1], plan.dst_content_nbytes)
+    pairs = pairs[np.argsort(pairs[:, 1], kind="stable")]
+    if pairs.shape[0] > 1 and bool(np.any(pairs[1:, 1] == pairs[:-1, 1])):
+        dup = int(pairs[1:, 1][pairs[1:, 1] == pairs[:-1, 1]][0])
+        raise PlanError(f"dst block {dup} appears twice in block_pairs: each request needs "
+                        f"its own dst block.")
+    pairs.flags.writeable = False
+    layer_ids.flags.writeable = False
+
+    dst_grid = _grid(dst_cols, layer_ids, pairs[:, 1])
+    order, perm = _page_order(dst_grid)
+    dst_pages = _walk(dst_grid, order, perm)
+    page_layer = _walk(np.broadcast_to(layer_ids[:, None], dst_grid.shape), order, perm)
+    _check_dst_overlap(dst_pages, dst_cols["page_nbytes"][page_layer])
+    dst_buffer = dst_cols["buffer"][page_layer]
+    dst_joinable = dst_buffer[1:] == dst_buffer[:-1]
+    dst_dev = dst_cols["device_id"][page_layer]
+
+    ranks = []
+    for src_rank in plan.src_ranks:
+        src_cols = src_map[src_rank].columns()
+        _check_side(f"src rank {src_rank}", src_cols, layer_ids, pairs[:, 0], plan.src_content_nbytes)
+        src_off, dst_off, lengths = _merged_reads(plan, src_rank)
+        src_pages = _walk(_grid(src_cols, layer_ids, pairs[:, 0]), order, perm)
+        src_buffer = src_cols["buffer"][page_layer]
+        joinable = dst_joinable & (src_buffer[1:] == src_buffer[:-1])
+        dst_desc, src_desc = _descriptors(dst_pages, src_pages, dst_dev, src_cols["device_id"][page_layer],
+                                          joinable, src_off, dst_off, lengths)
+        n_reads = len(plan.reads_from(src_rank)) * dst_pages.size
+        ranks.append(RankDescriptors(src_rank, dst_desc, src_desc, n_reads))
+    return Expansion(plan, pairs, layer_ids, tuple(ranks))
