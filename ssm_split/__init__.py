@@ -19,6 +19,12 @@ from ._errors import SpecError as SpecError
 from ._errors import SpecMismatchError as SpecMismatchError
 from ._errors import SsmSplitError as SsmSplitError
 from ._errors import TransferError as TransferError
+from ._expand import Buffer as Buffer
+from ._expand import Expansion as Expansion
+from ._expand import LayerRegion as LayerRegion
+from ._expand import RankDescriptors as RankDescriptors
+from ._expand import RegionSet as RegionSet
+from ._expand import expand_plan as expand_plan
 from ._hf_config import from_hf_config as from_hf_config
 from ._layout import PageLayout as PageLayout
 from ._layout import Segment as Segment
