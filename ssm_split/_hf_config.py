@@ -82,7 +82,7 @@ class _Reader:
     def error(self, message: str) -> SpecError:
         return SpecError(f"{self.model_type} config: {message}")
 
-    def int(self, key: str, default: int | None = None, *, minimum: int = 1) -> int:
+    def integer(self, key: str, default: int | None = None, *, minimum: int = 1) -> int:
         value = self.get(key, default)
         if value is None:
             raise self.error(f"missing `{key}`. Copy it from the model's config.json.")
@@ -112,7 +112,7 @@ class _Reader:
         return default
 
     def n_layers(self) -> int:
-        return self.int("num_hidden_layers")
+        return self.integer("num_hidden_layers")
 
     def count_listed(self, key: str, wanted: Callable[[object], bool]) -> int | None:
         """Count entries of the per-layer list `key` for which `wanted` holds."""
@@ -142,16 +142,16 @@ class _Reader:
 
 def _gdn(r: _Reader) -> tuple[Spec, str, int]:
     spec = GDNSpec(
-        num_k_heads=r.int("linear_num_key_heads"), num_v_heads=r.int("linear_num_value_heads"),
-        head_k_dim=r.int("linear_key_head_dim"), head_v_dim=r.int("linear_value_head_dim"),
-        conv_kernel=r.int("linear_conv_kernel_dim", 4), ssm_dtype=r.ssm_dtype("bfloat16"),
+        num_k_heads=r.integer("linear_num_key_heads"), num_v_heads=r.integer("linear_num_value_heads"),
+        head_k_dim=r.integer("linear_key_head_dim"), head_v_dim=r.integer("linear_value_head_dim"),
+        conv_kernel=r.integer("linear_conv_kernel_dim", 4), ssm_dtype=r.ssm_dtype("bfloat16"),
     )
     count = r.count_listed("layer_types", lambda t: t == "linear_attention")
     if count is None:
         interval = r.get("full_attention_interval")
         if interval is None:
             raise r.no_layer_info("`layer_types`, `full_attention_interval`")
-        interval = r.int("full_attention_interval")
+        interval = r.integer("full_attention_interval")
         count = sum(1 for i in range(r.n_layers()) if (i + 1) % interval)
     return spec, "Gated DeltaNet", count
 
@@ -161,9 +161,9 @@ def _kda(r: _Reader) -> tuple[Spec, str, int]:
     if not isinstance(lac, Mapping):
         raise r.error("missing `linear_attn_config` (a mapping with num_heads, head_dim, ...).")
     sub = _Reader(lac, f"{r.model_type} linear_attn_config")
-    heads, head_dim = sub.int("num_heads"), sub.int("head_dim")
+    heads, head_dim = sub.integer("num_heads"), sub.integer("head_dim")
     spec = GDNSpec(num_k_heads=heads, num_v_heads=heads, head_k_dim=head_dim, head_v_dim=head_dim,
-                   conv_kernel=sub.int("short_conv_kernel_size", 4), ssm_dtype="float32")
+                   conv_kernel=sub.integer("short_conv_kernel_size", 4), ssm_dtype="float32")
     kda = sub.sequence("kda_layers")
     if kda is not None:
         count = len(set(kda))
@@ -177,18 +177,18 @@ def _kda(r: _Reader) -> tuple[Spec, str, int]:
 
 def _mamba2_spec(r: _Reader, heads: str, head_dim: str, groups: str, state: str, kernel: str,
                  d_ssm: str | None = None) -> Mamba2Spec:
-    num_heads = r.int(heads)
+    num_heads = r.integer(heads)
     if r.get(head_dim) is not None:
-        dim = r.int(head_dim)
+        dim = r.integer(head_dim)
     elif d_ssm and r.get(d_ssm) is not None:
-        dim = r.int(d_ssm) // num_heads
+        dim = r.integer(d_ssm) // num_heads
     else:
-        dim = r.int("mamba_expand", 2) * r.int("hidden_size") // num_heads
-    if d_ssm and r.get(d_ssm) is not None and r.int(d_ssm) != num_heads * dim:
+        dim = r.integer("mamba_expand", 2) * r.integer("hidden_size") // num_heads
+    if d_ssm and r.get(d_ssm) is not None and r.integer(d_ssm) != num_heads * dim:
         raise r.error(f"`{d_ssm}`={r.get(d_ssm)} is not `{heads}` * `{head_dim}` = "
                       f"{num_heads} * {dim}; the config is inconsistent.")
-    return Mamba2Spec(num_heads=num_heads, head_dim=dim, n_groups=r.int(groups, 1),
-                      state_size=r.int(state), conv_kernel=r.int(kernel, 4),
+    return Mamba2Spec(num_heads=num_heads, head_dim=dim, n_groups=r.integer(groups, 1),
+                      state_size=r.integer(state), conv_kernel=r.integer(kernel, 4),
                       ssm_dtype=r.ssm_dtype("float32"))
 
 
@@ -242,46 +242,46 @@ def _mamba_ssm(r: _Reader) -> tuple[Spec, str, int]:
     if not isinstance(ssm_cfg, Mapping):
         raise r.error(f"`ssm_cfg` must be a mapping, got {ssm_cfg!r}.")
     sub = _Reader(ssm_cfg, f"{r.model_type} ssm_cfg")
-    d_model, layer = r.int("d_model"), ssm_cfg.get("layer", "Mamba1")
-    inner = sub.int("d_ssm") if sub.get("d_ssm") is not None else sub.int("expand", 2) * d_model
+    d_model, layer = r.integer("d_model"), ssm_cfg.get("layer", "Mamba1")
+    inner = sub.integer("d_ssm") if sub.get("d_ssm") is not None else sub.integer("expand", 2) * d_model
     attn = r.sequence("attn_layer_idx") or ()
-    count = r.int("n_layer") - len(set(attn))
+    count = r.integer("n_layer") - len(set(attn))
     if layer == "Mamba2":
-        head_dim = sub.int("headdim", 64)
+        head_dim = sub.integer("headdim", 64)
         if inner % head_dim:
             raise r.error(f"the Mamba2 width {inner} is not a multiple of headdim {head_dim}.")
         spec: Spec = Mamba2Spec(num_heads=inner // head_dim, head_dim=head_dim,
-                                n_groups=sub.int("ngroups", 1), state_size=sub.int("d_state", 128),
-                                conv_kernel=sub.int("d_conv", 4), ssm_dtype=r.ssm_dtype("float32"))
+                                n_groups=sub.integer("ngroups", 1), state_size=sub.integer("d_state", 128),
+                                conv_kernel=sub.integer("d_conv", 4), ssm_dtype=r.ssm_dtype("float32"))
         return spec, "Mamba2", count
     if layer == "Mamba1":
-        spec = Mamba1Spec(intermediate_size=inner, state_size=sub.int("d_state", 16),
-                          conv_kernel=sub.int("d_conv", 4), ssm_dtype=r.ssm_dtype("bfloat16"))
+        spec = Mamba1Spec(intermediate_size=inner, state_size=sub.integer("d_state", 16),
+                          conv_kernel=sub.integer("d_conv", 4), ssm_dtype=r.ssm_dtype("bfloat16"))
         return spec, "Mamba1", count
     raise r.error(f"`ssm_cfg.layer`={layer!r} is not supported; expected 'Mamba1' or 'Mamba2'.")
 
 
 def _jamba(r: _Reader) -> tuple[Spec, str, int]:
-    spec = Mamba1Spec(intermediate_size=r.int("mamba_expand", 2) * r.int("hidden_size"),
-                      state_size=r.int("mamba_d_state"), conv_kernel=r.int("mamba_d_conv", 4),
+    spec = Mamba1Spec(intermediate_size=r.integer("mamba_expand", 2) * r.integer("hidden_size"),
+                      state_size=r.integer("mamba_d_state"), conv_kernel=r.integer("mamba_d_conv", 4),
                       ssm_dtype=r.ssm_dtype("bfloat16"))
     count = r.count_listed("layers_block_type", lambda t: t == "mamba")
     if count is None:
-        period = r.int("attn_layer_period")
-        offset = r.int("attn_layer_offset", minimum=0)
+        period = r.integer("attn_layer_period")
+        offset = r.integer("attn_layer_offset", minimum=0)
         count = sum(1 for i in range(r.n_layers()) if i % period != offset)
     return spec, "Mamba1", count
 
 
 def _hf_mamba(r: _Reader) -> tuple[Spec, str, int]:
-    spec = Mamba1Spec(intermediate_size=r.int("intermediate_size"), state_size=r.int("state_size"),
-                      conv_kernel=r.int("conv_kernel", 4), ssm_dtype=r.ssm_dtype("bfloat16"))
+    spec = Mamba1Spec(intermediate_size=r.integer("intermediate_size"), state_size=r.integer("state_size"),
+                      conv_kernel=r.integer("conv_kernel", 4), ssm_dtype=r.ssm_dtype("bfloat16"))
     return spec, "Mamba1", r.n_layers()
 
 
 def _lfm2(r: _Reader) -> tuple[Spec, str, int]:
-    dim = r.int("conv_dim") if r.get("conv_dim") is not None else r.int("hidden_size")
-    spec = ShortConvSpec(conv_dim=dim, conv_kernel=r.int("conv_L_cache"))
+    dim = r.integer("conv_dim") if r.get("conv_dim") is not None else r.integer("hidden_size")
+    spec = ShortConvSpec(conv_dim=dim, conv_kernel=r.integer("conv_L_cache"))
     count = r.count_listed("layer_types", lambda t: t == "conv")
     if count is None:
         count = r.count_not_in("full_attn_idxs")
@@ -291,8 +291,8 @@ def _lfm2(r: _Reader) -> tuple[Spec, str, int]:
 
 
 def _minimax(r: _Reader) -> tuple[Spec, str, int]:
-    heads = r.int("num_attention_heads")
-    head_dim = r.int("head_dim") if r.get("head_dim") is not None else r.int("hidden_size") // heads
+    heads = r.integer("num_attention_heads")
+    head_dim = r.integer("head_dim") if r.get("head_dim") is not None else r.integer("hidden_size") // heads
     spec = LinearAttentionSpec(num_heads=heads, head_dim=head_dim, ssm_dtype=r.ssm_dtype("bfloat16"))
     count = r.count_listed("attn_type_list", lambda t: t == 0)
     if count is None:
@@ -373,7 +373,7 @@ def parse_hf_config(config: Mapping) -> ParsedConfig:
     model_type = _decide_model_type(config)
     reader = _Reader(config, model_type)
     spec, kind, n_state = _PARSERS[model_type](reader)
-    n_layers = reader.int("n_layer") if model_type == "mamba_ssm" else reader.n_layers()
+    n_layers = reader.integer("n_layer") if model_type == "mamba_ssm" else reader.n_layers()
     if n_state < 1:
         raise reader.error(f"no layer carries {kind} state (all {n_layers} layers are attention "
                            f"or MLP), so there is nothing to transfer.")
