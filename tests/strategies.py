@@ -17,6 +17,8 @@ Main entry points:
 - `transfer_cases()`: `(spec, src_tp, dst_tp)`, including non-divisible pairs (4 -> 6)
   and replication on either side;
 - `rank_cases()`: `(spec, src_tp, dst_tp, dst_rank)`;
+- `replicated_transfer_cases()`: `(spec, src_tp, dst_tp)` with different TP sizes and
+  B/C groups or GDN key heads replicated on at least one side;
 - `unshardable_cases()`: `(spec, tp)` that sharding must reject;
 - `paddings()`: extra bytes after a page's content.
 """
@@ -44,6 +46,7 @@ __all__ = [
     "layout_cases",
     "transfer_cases",
     "rank_cases",
+    "replicated_transfer_cases",
     "unshardable_cases",
     "paddings",
     "seeds",
@@ -114,7 +117,8 @@ def _conv_fields(draw, *, layouts: Sequence[str], max_spec_tokens: int) -> dict:
 @st.composite
 def specs(draw, *, tps: Sequence[int] = (1,), families: Sequence[str] = FAMILIES,
           layouts: Sequence[str] = LAYOUTS, replication: bool = True,
-          max_multiple: int = 2, max_dim: int = 4, max_spec_tokens: int = 2):
+          max_multiple: int = 2, max_dim: int = 4, max_spec_tokens: int = 2,
+          max_groups: int | None = None):
     """A spec that can be sharded on every TP size in `tps`.
 
     Args:
@@ -126,13 +130,17 @@ def specs(draw, *, tps: Sequence[int] = (1,), families: Sequence[str] = FAMILIES
         max_multiple: sharded unit counts are `lcm(tps) * k` with `k` in `[1, max_multiple]`.
         max_dim: head dims, state sizes and per-head widths are in `[1, max_dim]`.
         max_spec_tokens: speculative tokens in `[0, max_spec_tokens]`.
+        max_groups: at most this many B/C groups or GDN key heads (with `replication`);
+            below a TP size of `tps`, that side replicates them.
     """
     lcm = math.lcm(*tps)
-    family = draw(st.sampled_from(tuple(families)))
+    # Mamba2 and GDN (grouped units, replication) are drawn twice as often as the others
+    family = draw(st.sampled_from(tuple(f for f in families for _ in range(1 + (f in ("mamba2", "gdn"))))))
     multiple = st.integers(1, max_multiple)
     dim = st.integers(1, max_dim)
     if replication:
-        grouped = st.sampled_from(replicable_counts(tps, limit=lcm * max_multiple))
+        limit = lcm * max_multiple if max_groups is None else max_groups
+        grouped = st.sampled_from(replicable_counts(tps, limit=limit))
     else:
         grouped = multiple.map(lambda k: lcm * k)
     if family == "linear_attention":
@@ -178,6 +186,22 @@ def rank_cases(draw, **options) -> tuple:
     """`(spec, src_tp, dst_tp, dst_rank)`; options as for `transfer_cases`."""
     spec, src_tp, dst_tp = draw(transfer_cases(**options))
     return spec, src_tp, dst_tp, draw(st.integers(0, dst_tp - 1))
+
+
+@st.composite
+def replicated_transfer_cases(draw, *, max_tp: int = 8, divisible: bool = False,
+                              families: Sequence[str] = ("mamba2", "gdn"), **spec_options) -> tuple:
+    """`(spec, src_tp, dst_tp)` with `src_tp != dst_tp` where the side with the larger TP
+    replicates its B/C groups (Mamba2) or key heads (GDN): n_groups=1 models such as
+    Falcon-H1 and Granite-4.0-H at 1 -> 2, or 2 groups at 4 -> 2. Options as for `specs`.
+    """
+    src_tp = draw(st.integers(1, max_tp))
+    options = [d for d in range(1, max_tp + 1)
+               if d != src_tp and (not divisible or d % src_tp == 0 or src_tp % d == 0)]
+    dst_tp = draw(st.sampled_from(options))
+    spec = draw(specs(tps=(src_tp, dst_tp), families=families, replication=True,
+                      max_groups=max(src_tp, dst_tp) - 1, **spec_options))
+    return spec, src_tp, dst_tp
 
 
 @st.composite

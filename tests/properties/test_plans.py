@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import example, given
+from hypothesis import event, example, given
 from hypothesis import strategies as st
 
 from ssm_split import (GDNSpec, LinearAttentionSpec, Mamba1Spec, Mamba2Spec, PlanError, Plan,
@@ -53,6 +53,17 @@ def pinned(**other_arguments):
     return decorate
 
 
+def _label(spec, src_tp, dst_tp) -> None:
+    """Record what kind of case this is, for `--hypothesis-show-statistics`."""
+    event(f"family {type(spec).__name__}, conv layout {getattr(spec, 'conv_layout', '-')}")
+    event("equal TP" if src_tp == dst_tp else "dst_tp > src_tp" if dst_tp > src_tp else "dst_tp < src_tp")
+    if src_tp % dst_tp and dst_tp % src_tp:
+        event("TP sizes do not divide each other")
+    for side, tp in (("src", src_tp), ("dst", dst_tp)):
+        if any(p.n_units % tp for p in spec.parts):
+            event(f"replicated on {side}")
+
+
 def _pages(spec, state, tp, pad_nbytes, pad_byte):
     return shard(spec, state, tp, page_nbytes=content_nbytes(spec, tp) + pad_nbytes, pad_byte=pad_byte)
 
@@ -67,6 +78,20 @@ def _pages(spec, state, tp, pad_nbytes, pad_byte):
 @pinned(src_pad=0, dst_pad=0, seed=None)
 def test_plans_rebuild_every_dst_page(case, src_pad, dst_pad, seed):
     spec, src_tp, dst_tp = case
+    _label(spec, src_tp, dst_tp)
+    _check_rebuilt(spec, src_tp, dst_tp, src_pad, dst_pad, seed)
+
+
+@given(case=transfer_cases(max_tp=16, max_multiple=1, max_dim=2), src_pad=paddings())
+@example(case=(Mamba2Spec(num_heads=48, head_dim=1, n_groups=1, state_size=1), 12, 16), src_pad=0)
+@example(case=(GDNSpec(num_k_heads=1, num_v_heads=240, head_k_dim=1, head_v_dim=1), 16, 15), src_pad=0)
+def test_plans_rebuild_every_dst_page_up_to_tp_16(case, src_pad):
+    spec, src_tp, dst_tp = case
+    _label(spec, src_tp, dst_tp)
+    _check_rebuilt(spec, src_tp, dst_tp, src_pad, 7, None)
+
+
+def _check_rebuilt(spec, src_tp, dst_tp, src_pad, dst_pad, seed):
     state = iota_state(spec) if seed is None else random_state(spec, seed)
     src_pages = _pages(spec, state, src_tp, src_pad, SRC_PAD)
     want = _pages(spec, state, dst_tp, dst_pad, POISON)  # padding stays POISON
