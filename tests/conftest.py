@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings
 settings.register_profile("dev", max_examples=30, deadline=None)
 settings.register_profile(
     "ci",
-    settings(settings.get_profile("ci"), max_examples=120, deadline=None,
+    settings(settings.get_profile("ci"), max_examples=300, deadline=None,
              suppress_health_check=[HealthCheck.too_slow]),
 )
 settings.register_profile(
