@@ -1,0 +1,212 @@
+"""A transfer-friendly layout: one region per block holding every layer, unit-major.
+
+vLLM keeps one tensor per layer, so a request's state is `layers x reads` small ranges
+and NIXL pays per range. An engine that can choose its layout can instead keep, per rank
+and per block, one *stacked page* for all `L` state layers, with each part stored
+unit-major across layers::
+
+    stacked page of rank r (DS conv), every part as an array (units_r, L, unit ...):
+    | conv.x (units_r, L, head_dim, rows) | conv.B (...) | conv.C (...) | temporal (units_r, L, *tail) |
+
+A run of units then covers every layer in one contiguous range on both sides, so a dst
+rank needs the same few reads per block as per layer page (e.g. 4 for GDN 1 -> 2), each
+`L` times longer. This is exactly the page of a spec whose every part has `unit_size * L`
+(temporal tail `(L, *tail)`): `stack_layers(spec, L)` returns such a spec-like value, and
+since every offset of a page layout is linear in the unit sizes, its layout and plans are
+the per-layer ones with every offset and length multiplied by `L`.
+
+Kernels that view one layer use `layer_view` (offset, shape and strides per part): the
+view of layer `l` of a part is `(units_r, *unit)` with the unit stride multiplied by `L`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ._errors import PlanError
+from ._layout import PageLayout, Segment, page_layout
+from ._plan import Plan, Read, plan_reads
+from ._spec import Part, Spec, check_is_spec
+
+__all__ = ["StackedSpec", "stack_layers", "stacked_layout", "stacked_plan", "stack_pages",
+           "unstack_page", "PartView", "layer_view"]
+
+
+@dataclass(frozen=True, slots=True)
+class StackedSpec:
+    """`n_layers` layers of `base`, stacked unit-major in one page (see module doc).
+
+    It offers the spec attributes the layout code reads (`parts`, `conv_parts`,
+    `temporal_part`, `temporal_tail`, `conv_rows`, dtypes, `conv_layout`), with every
+    unit size multiplied by `n_layers`.
+    """
+
+    base: Spec
+    n_layers: int
+
+    def __post_init__(self) -> None:
+        check_is_spec(self.base, "base")
+        if isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int) or self.n_layers < 1:
+            raise PlanError(f"StackedSpec.n_layers must be an int >= 1, got {self.n_layers!r}.")
+
+    @property
+    def family(self) -> str:
+        return self.base.family
+
+    @property
+    def conv_rows(self) -> int:
+        return self.base.conv_rows
+
+    @property
+    def conv_layout(self) -> str:
+        return getattr(self.base, "conv_layout", "DS")
+
+    @property
+    def conv_nbytes_per_elem(self) -> int:
+        return self.base.conv_nbytes_per_elem
+
+    @property
+    def ssm_nbytes_per_elem(self) -> int:
+        return self.base.ssm_nbytes_per_elem
+
+    @property
+    def conv_parts(self) -> tuple[Part, ...]:
+        return tuple(dataclasses.replace(p, unit_size=p.unit_size * self.n_layers) for p in self.base.conv_parts)
+
+    @property
+    def temporal_part(self) -> Part | None:
+        part = self.base.temporal_part
+        return None if part is None else dataclasses.replace(part, unit_size=part.unit_size * self.n_layers)
+
+    @property
+    def temporal_tail(self) -> tuple[int, ...]:
+        return (self.n_layers, *self.base.temporal_tail) if self.base.temporal_part is not None else ()
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        tail = (self.temporal_part,) if self.temporal_part is not None else ()
+        return self.conv_parts + tail
+
+
+def stack_layers(spec: Spec, n_layers: int) -> StackedSpec:
+    """The stacked layout of `n_layers` layers of `spec` (see module doc)."""
+    return StackedSpec(spec, n_layers)
+
+
+def _scale_segment(seg: Segment, n: int) -> Segment:
+    return dataclasses.replace(seg, offset=seg.offset * n, nbytes=seg.nbytes * n)
+
+
+def stacked_layout(stacked: StackedSpec, tp: int, rank: int) -> PageLayout:
+    """The byte layout of `rank`'s stacked page: the per-layer layout scaled by `n_layers`."""
+    _check_stacked(stacked)
+    base = page_layout(stacked.base, tp, rank)
+    n = stacked.n_layers
+    return PageLayout(stacked, tp, rank, tuple(_scale_segment(s, n) for s in base.segments),
+                      base.conv_nbytes * n, base.temporal_nbytes * n, base.units)
+
+
+def stacked_plan(stacked: StackedSpec, src_tp: int, dst_tp: int, dst_rank: int) -> Plan:
+    """The reads of `dst_rank` between stacked pages: the per-layer plan scaled by
+    `n_layers`, so still maximal (contiguity is preserved by scaling)."""
+    _check_stacked(stacked)
+    base = plan_reads(stacked.base, src_tp, dst_tp, dst_rank)
+    n = stacked.n_layers
+    reads = tuple(Read(r.src_rank, r.src_offset * n, r.dst_offset * n, r.nbytes * n) for r in base.reads)
+    return Plan(stacked, src_tp, dst_tp, dst_rank, reads, base.src_content_nbytes * n, base.dst_content_nbytes * n)
+
+
+def _check_stacked(stacked: object) -> None:
+    if not isinstance(stacked, StackedSpec):
+        raise PlanError(f"Expected a StackedSpec (from `stack_layers(spec, n_layers)`), got "
+                        f"{type(stacked).__name__}.")
+
+
+def _unit_blocks(stacked: StackedSpec, tp: int, rank: int):
+    """Yield `(segment of the per-layer page, unit_nbytes)` in page order."""
+    base = page_layout(stacked.base, tp, rank)
+    for seg in base.segments:
+        yield seg, seg.unit_nbytes
+
+
+def stack_pages(stacked: StackedSpec, pages: Sequence[np.ndarray], tp: int, rank: int) -> np.ndarray:
+    """Build `rank`'s stacked page from its `n_layers` per-layer pages (1-D uint8 each,
+    content first; padding ignored). Returns a new 1-D uint8 array of the stacked content."""
+    _check_stacked(stacked)
+    n = stacked.n_layers
+    if len(pages) != n:
+        raise PlanError(f"stack_pages needs {n} per-layer pages, got {len(pages)}.")
+    out = np.empty(stacked_layout(stacked, tp, rank).content_nbytes, dtype=np.uint8)
+    for seg, unit in _unit_blocks(stacked, tp, rank):
+        units = seg.nbytes // unit
+        block = np.stack([np.asarray(p, dtype=np.uint8)[seg.offset:seg.end].reshape(units, unit) for p in pages],
+                         axis=1)  # (units, L, unit)
+        out[seg.offset * n:seg.end * n] = block.reshape(-1)
+    return out
+
+
+def unstack_page(stacked: StackedSpec, page: np.ndarray, tp: int, rank: int) -> list[np.ndarray]:
+    """The `n_layers` per-layer page contents held by a stacked page (inverse of `stack_pages`)."""
+    _check_stacked(stacked)
+    n = stacked.n_layers
+    content = page_layout(stacked.base, tp, rank).content_nbytes
+    layers = [np.empty(content, dtype=np.uint8) for _ in range(n)]
+    page = np.asarray(page, dtype=np.uint8)
+    for seg, unit in _unit_blocks(stacked, tp, rank):
+        block = page[seg.offset * n:seg.end * n].reshape(seg.nbytes // unit, n, unit)
+        for layer in range(n):
+            layers[layer][seg.offset:seg.end] = block[:, layer].reshape(-1)
+    return layers
+
+
+@dataclass(frozen=True, slots=True)
+class PartView:
+    """Where one layer's piece of a part sits in a stacked page.
+
+    The piece is an array of `shape` elements of `elem_nbytes` bytes, starting
+    `offset_nbytes` from the page start, with `strides_nbytes` per axis (the first axis,
+    units, jumps over the other layers).
+    """
+
+    name: str
+    row: int | None
+    offset_nbytes: int
+    shape: tuple[int, ...]
+    strides_nbytes: tuple[int, ...]
+    elem_nbytes: int
+
+
+def layer_view(stacked: StackedSpec, tp: int, rank: int, layer: int) -> tuple[PartView, ...]:
+    """How a kernel views layer `layer` of `rank`'s stacked page, part by part.
+
+    Conv parts (DS): shape `(units_r, unit_channels, rows)`; SD: one view per row of shape
+    `(units_r, unit_channels)`; temporal: `(units_r, *tail)`. Strides are in bytes.
+    """
+    _check_stacked(stacked)
+    n = stacked.n_layers
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+        raise PlanError(f"layer must be an int in [0, {n}), got {layer!r}.")
+    base, spec = page_layout(stacked.base, tp, rank), stacked.base
+    views = []
+    for seg in base.segments:
+        unit = seg.unit_nbytes
+        units = seg.unit_stop - seg.unit_start
+        offset = seg.offset * n + layer * unit
+        if seg.name == "temporal":
+            elem = spec.ssm_nbytes_per_elem
+            tail = spec.temporal_tail
+            inner = tuple(int(np.prod(tail[i + 1:], dtype=np.int64)) * elem for i in range(len(tail)))
+            views.append(PartView(seg.name, None, offset, (units, *tail), (unit * n, *inner), elem))
+        elif seg.row is None:  # DS conv: (units, channels_per_unit, rows)
+            elem, rows = spec.conv_nbytes_per_elem, spec.conv_rows
+            channels = unit // (rows * elem)
+            views.append(PartView(seg.name, None, offset, (units, channels, rows),
+                                  (unit * n, rows * elem, elem), elem))
+        else:  # SD conv, one row: (units, channels_per_unit)
+            elem = spec.conv_nbytes_per_elem
+            views.append(PartView(seg.name, seg.row, offset, (units, unit // elem), (unit * n, elem), elem))
+    return tuple(views)
