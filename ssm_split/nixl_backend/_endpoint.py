@@ -1,0 +1,316 @@
+"""One engine rank's NIXL agent, its registered state memory and its handshake.
+
+An `Endpoint` is created by every rank of both engines. A src (prefill) endpoint
+`serve`s its handshake over the side channel and collects the notifications readers send
+when they are done with a request (`poll_notifications`, `wait_for_reads`), so the engine
+knows when it may free those blocks. A dst (decode) endpoint is handed to a `Reader`.
+
+    mem = np.zeros(layers * blocks * page_nbytes, np.uint8)
+    regions = RegionSet.packed(mem.ctypes.data, num_layers=layers, num_blocks=blocks,
+                               page_nbytes=page_nbytes)
+    src = Endpoint(spec, tp=2, rank=0, regions=regions, memory=[mem])
+    host, port = src.serve()            # readers: Reader(dst).connect_to(host, port)
+
+`memory[i]` is the array or tensor backing `regions.buffers[i]` (same address, size and
+device): numpy arrays and CPU tensors are registered as DRAM, CUDA tensors as VRAM. The
+endpoint keeps references to them; the caller keeps them alive and unmoved until `close`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .._errors import PlanError, TransferError
+from .._expand import Buffer, RegionSet
+from .._layout import page_layout
+from .._spec import Spec, check_is_spec
+from ._handshake import Handshake
+from ._nixl import make_agent
+from ._sidechannel import SideChannelServer
+
+__all__ = ["Endpoint", "MemoryInfo", "describe_memory", "NOTIF_PREFIX", "SCRATCH_MAGIC"]
+
+NOTIF_PREFIX = b"ssm-split/1 "
+"""Notifications from readers: this prefix, then a JSON list of request ids."""
+SCRATCH_MAGIC = b"SSMSPLIT"
+SCRATCH_NBYTES = 64
+"""Scratch: [0, 16) magic + generation (read by peers), [16, 32) where this endpoint
+lands its own warm-up reads."""
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryInfo:
+    """Address, size in bytes, NIXL memory type and device of an array or tensor."""
+
+    addr: int
+    nbytes: int
+    mem_type: str
+    device_id: int
+
+
+def describe_memory(obj: Any) -> MemoryInfo:
+    """Where a C-contiguous numpy array or torch tensor lives.
+
+    Raises:
+        PlanError: not an array or tensor, or not contiguous.
+    """
+    if isinstance(obj, np.ndarray):
+        if not obj.flags.c_contiguous or obj.nbytes == 0:
+            raise PlanError("Memory arrays must be non-empty and C-contiguous (np.ascontiguousarray).")
+        return MemoryInfo(int(obj.ctypes.data), int(obj.nbytes), "DRAM", 0)
+    torch = sys.modules.get("torch")  # a tensor can only exist if torch was imported
+    if torch is not None and isinstance(obj, torch.Tensor):
+        if not obj.is_contiguous() or obj.numel() == 0:
+            raise PlanError("Memory tensors must be non-empty and contiguous (tensor.contiguous()).")
+        nbytes = obj.numel() * obj.element_size()
+        if obj.is_cuda:
+            return MemoryInfo(int(obj.data_ptr()), nbytes, "VRAM", int(obj.device.index or 0))
+        return MemoryInfo(int(obj.data_ptr()), nbytes, "DRAM", 0)
+    raise PlanError(f"Memory must be a numpy array or a torch tensor, got {type(obj).__name__}.")
+
+
+def _scratch_like(info: MemoryInfo) -> Any:
+    if info.mem_type == "DRAM":
+        return np.zeros(SCRATCH_NBYTES, dtype=np.uint8)
+    import torch
+
+    return torch.zeros(SCRATCH_NBYTES, dtype=torch.uint8, device=f"cuda:{info.device_id}")
+
+
+def _write_bytes(target: Any, offset: int, data: bytes) -> None:
+    if isinstance(target, np.ndarray):
+        target[offset: offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
+    else:
+        import torch
+
+        target[offset: offset + len(data)].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+
+def read_bytes(source: Any, offset: int, nbytes: int) -> bytes:
+    """Bytes `[offset, offset + nbytes)` of a numpy array or (CUDA) tensor of uint8."""
+    if isinstance(source, np.ndarray):
+        return source[offset: offset + nbytes].tobytes()
+    return source[offset: offset + nbytes].cpu().numpy().tobytes()
+
+
+class Endpoint:
+    """A NIXL agent (UCX) with one rank's state memory registered.
+
+    Args:
+        spec: the layer state this rank holds (every layer in `regions` has this spec).
+        tp, rank: the engine's TP size and this rank.
+        regions: where the pages are; every page must hold this rank's content.
+        memory: `memory[i]` backs `regions.buffers[i]`: numpy arrays or torch tensors.
+        name: NIXL agent name, unique among all endpoints (default: a random one).
+        num_threads: UCX worker threads (NIXL's `num_threads`; 0 = NIXL's default).
+        progress_delay_us: pause of NIXL's progress thread between polls; NIXL's own 0
+            busy-loops a core per agent (see `_nixl.make_agent`).
+
+    Raises:
+        PlanError: memory does not match `regions`, mixes memory types, or pages are
+            smaller than this rank's content.
+        TransferError: NIXL could not create the agent or register the memory.
+    """
+
+    def __init__(self, spec: Spec, *, tp: int, rank: int, regions: RegionSet,
+                 memory: Sequence[Any], name: str | None = None, num_threads: int = 0,
+                 progress_delay_us: int = 100):
+        check_is_spec(spec)
+        content_nbytes = page_layout(spec, tp, rank).content_nbytes
+        if not isinstance(regions, RegionSet):
+            raise PlanError(f"regions must be a RegionSet, got {type(regions).__name__}.")
+        small = [i for i, r in enumerate(regions.layers) if r.page_nbytes < content_nbytes]
+        if small:
+            raise PlanError(f"Layer {small[0]}'s pages are {regions.layers[small[0]].page_nbytes} "
+                            f"bytes, smaller than the {content_nbytes} bytes rank {rank} of "
+                            f"tp={tp} holds. Allocate larger pages.")
+        infos = [describe_memory(m) for m in memory]
+        self.mem_type = _check_memory(regions, infos)
+        self.spec, self.tp, self.rank, self.regions = spec, tp, rank, regions
+        self.name = name or f"ssm-split-tp{tp}-r{rank}-{uuid.uuid4().hex[:12]}"
+        self._memory = list(memory)
+        self._scratch = _scratch_like(infos[0])
+        scratch = describe_memory(self._scratch)
+        self.scratch = Buffer(scratch.addr, scratch.nbytes, scratch.device_id)
+        self.generation = 0
+        self._server: SideChannelServer | None = None
+        self._reads_done: Counter[str] = Counter()
+        self.foreign_notifications: list[tuple[str, bytes]] = []
+        try:
+            self.agent = make_agent(self.name, num_threads=num_threads,
+                                    progress_delay_us=progress_delay_us)
+            self._scratch_reg = self._register([self.scratch])
+        except Exception as error:  # NIXL errors derive from Exception
+            raise TransferError(f"NIXL could not create agent {self.name!r} with UCX or register "
+                                f"its scratch buffer: {type(error).__name__}: {error}") from error
+        self._pages_reg = None
+        self.register()
+
+    # --- registration -------------------------------------------------------------------
+
+    def _register(self, buffers: Sequence[Buffer]):
+        table = np.array([[b.addr, b.nbytes, b.device_id] for b in buffers], dtype=np.uint64)
+        descs = self.agent.get_reg_descs(table, self.mem_type)
+        if descs is None:
+            raise TransferError(f"NIXL rejected the registration list of {self.name!r}.")
+        self.agent.register_memory(descs)
+        return descs
+
+    def register(self) -> None:
+        """Register the pages with NIXL (done by the constructor) and bump `generation`.
+        Take a new `handshake()` afterwards: metadata is a snapshot."""
+        if self._pages_reg is not None:
+            return
+        try:
+            self._pages_reg = self._register(self.regions.buffers)
+        except TransferError:
+            raise
+        except Exception as error:
+            raise TransferError(f"NIXL could not register the pages of {self.name!r}: "
+                                f"{type(error).__name__}: {error}") from error
+        self._bump_generation()
+
+    def deregister(self) -> None:
+        """Deregister the pages and bump `generation`, so handshakes taken before are stale
+        (readers checking the scratch see it). NIXL itself does not tell readers."""
+        if self._pages_reg is None:
+            return
+        self.agent.deregister_memory(self._pages_reg)
+        self._pages_reg = None
+        self._bump_generation()
+
+    def _bump_generation(self) -> None:
+        self.generation += 1
+        _write_bytes(self._scratch, 0, SCRATCH_MAGIC + self.generation.to_bytes(8, "little"))
+
+    @property
+    def registered(self) -> bool:
+        return self._pages_reg is not None
+
+    # --- handshake ----------------------------------------------------------------------
+
+    def handshake(self) -> Handshake:
+        """This endpoint's handshake, with a fresh snapshot of its NIXL metadata."""
+        return Handshake(spec=self.spec, tp=self.tp, rank=self.rank, agent_name=self.name,
+                         mem_type=self.mem_type, regions=self.regions, scratch=self.scratch,
+                         agent_metadata=self.agent.get_agent_metadata(), generation=self.generation)
+
+    def serve(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Serve the handshake over the side channel; returns the bound `(host, port)`."""
+        if self._server is None:
+            self._server = SideChannelServer(lambda: self.handshake().encode(), host, port)
+        return self._server.address
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """Where the side channel serves, or None before `serve`."""
+        return None if self._server is None else self._server.address
+
+    # --- notifications (src side) -------------------------------------------------------
+
+    def poll_notifications(self) -> list[tuple[str, tuple[str, ...]]]:
+        """New read-done notifications: `[(reader agent name, request ids)]`.
+
+        Each counts once toward `reads_done(request_id)` for each of its ids. Messages not
+        from an ssm_split reader are kept in `foreign_notifications`.
+        """
+        news = []
+        for peer, messages in self.agent.get_new_notifs().items():
+            peer = peer.decode() if isinstance(peer, bytes) else str(peer)
+            for message in messages:
+                ids = _parse_notification(message)
+                if ids is None:
+                    self.foreign_notifications.append((peer, message))
+                    continue
+                self._reads_done.update(ids)
+                news.append((peer, ids))
+        return news
+
+    def reads_done(self, request_id: str) -> int:
+        """How many reader notifications named `request_id` so far (after polling)."""
+        return self._reads_done[request_id]
+
+    def wait_for_reads(self, request_id: str, count: int = 1, *, timeout_s: float = 30.0) -> None:
+        """Poll until `count` readers have reported `request_id` as read.
+
+        Raises:
+            TransferError: the deadline passed first.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.poll_notifications()
+            if self._reads_done[request_id] >= count:
+                return
+            if time.monotonic() > deadline:
+                raise TransferError(f"Only {self._reads_done[request_id]} of {count} readers "
+                                    f"reported the request read within {timeout_s} s.",
+                                    request=request_id, peer=None)
+            time.sleep(0.0005)
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop serving and deregister everything; idempotent."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if getattr(self, "agent", None) is not None:
+            try:
+                self.deregister()
+                self.agent.deregister_memory(self._scratch_reg)
+            except Exception:
+                pass
+            self.agent = None
+
+    def __enter__(self) -> "Endpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Endpoint({self.name!r}, tp={self.tp}, rank={self.rank}, {self.mem_type}, "
+                f"layers={self.regions.num_layers}, generation={self.generation})")
+
+
+def _check_memory(regions: RegionSet, infos: Sequence[MemoryInfo]) -> str:
+    if len(infos) != len(regions.buffers):
+        raise PlanError(f"Got {len(infos)} memory objects for {len(regions.buffers)} buffers: "
+                        f"pass one array or tensor per RegionSet buffer, in order.")
+    for i, (info, buffer) in enumerate(zip(infos, regions.buffers)):
+        if (info.addr, info.nbytes, info.device_id) != (buffer.addr, buffer.nbytes, buffer.device_id):
+            raise PlanError(
+                f"memory[{i}] is {info.nbytes} bytes at {info.addr:#x} on device "
+                f"{info.device_id}, but regions.buffers[{i}] describes {buffer.nbytes} bytes at "
+                f"{buffer.addr:#x} on device {buffer.device_id}. Build the RegionSet from the "
+                f"memory you pass (e.g. RegionSet.packed(array.ctypes.data, ...))."
+            )
+    types = {info.mem_type for info in infos}
+    if len(types) != 1:
+        raise PlanError(f"All memory of one endpoint must be of one type, got {sorted(types)}.")
+    return types.pop()
+
+
+def _parse_notification(message: bytes) -> tuple[str, ...] | None:
+    if not message.startswith(NOTIF_PREFIX):
+        return None
+    try:
+        ids = json.loads(message[len(NOTIF_PREFIX):].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        return None
+    return tuple(ids)
+
+
+def encode_notification(request_ids: Sequence[str]) -> bytes:
+    """The notification a reader sends when it has read `request_ids`."""
+    return NOTIF_PREFIX + json.dumps(list(request_ids), separators=(",", ":")).encode()
