@@ -1,0 +1,190 @@
+"""The processes of `ssm-split demo`: one per src (prefill) rank, one per dst (decode) rank.
+
+Each process builds its own pages from the reference model and its own NIXL endpoint.
+Processes share nothing but the side channel's TCP bytes (handshakes), NIXL READs and
+notifications, plus small control messages with the parent over a pipe (addresses,
+"go", statistics).
+
+Page contents: request `i` of layer `l` holds `reference.random_state(spec, seed(l, i))`,
+so every (layer, request) page is different and a misrouted read shows.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .._expand import RegionSet
+from .._spec import Spec
+
+SRC_FILL = 0x5A
+"""Src bytes outside moved content (other blocks, padding)."""
+DST_FILL = 0xEE
+"""Dst bytes before the transfer; outside moved content they must stay so."""
+
+
+@dataclass(frozen=True, slots=True)
+class DemoConfig:
+    """Everything the demo's processes need; pickled to each one at spawn."""
+
+    spec: Spec
+    src_tp: int
+    dst_tp: int
+    n_layers: int
+    pairs: tuple[tuple[int, int], ...]
+    num_blocks: int
+    src_page_nbytes: int
+    dst_page_nbytes: int
+    layout: str
+    device: str
+    seed: int
+    batch: int
+    timeout_s: float
+
+    def state_seed(self, layer: int, request: int) -> int:
+        return int(np.random.SeedSequence([self.seed, layer, request]).generate_state(1)[0])
+
+    def request_id(self, request: int) -> str:
+        return f"req-{request}"
+
+
+def _prepare_env(device: str) -> None:
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+    if device == "cuda":  # CUDA-IPC "get" makes GPU READs zero-copy (docs/backend.md)
+        os.environ.setdefault("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")
+
+
+def _pages(cfg: DemoConfig, tp: int, rank: int, page_nbytes: int, fill: int) -> np.ndarray:
+    """The memory of one rank: every layer's pages, with the batch's pages filled."""
+    from ..reference import random_state, shard
+
+    memory = np.full(cfg.n_layers * cfg.num_blocks * page_nbytes, fill, dtype=np.uint8)
+    regions = _regions(cfg, 0, page_nbytes)
+    side = 0 if fill == SRC_FILL else 1
+    for layer in range(cfg.n_layers):
+        for request, pair in enumerate(cfg.pairs):
+            state = random_state(cfg.spec, cfg.state_seed(layer, request))
+            page = shard(cfg.spec, state, tp, page_nbytes=page_nbytes, pad_byte=fill)[rank]
+            start = regions.page_addr(layer, pair[side])
+            memory[start: start + page_nbytes] = page
+    return memory
+
+
+def _regions(cfg: DemoConfig, base_addr: int, page_nbytes: int) -> RegionSet:
+    return RegionSet.packed(base_addr, num_layers=cfg.n_layers, num_blocks=cfg.num_blocks,
+                            page_nbytes=page_nbytes, order=cfg.layout)
+
+
+def _to_device(memory: np.ndarray, device: str) -> Any:
+    if device == "cpu":
+        return memory
+    import torch
+
+    return torch.from_numpy(memory).to("cuda")
+
+
+def _addr(memory: Any) -> int:
+    return int(memory.ctypes.data) if isinstance(memory, np.ndarray) else int(memory.data_ptr())
+
+
+def _guard(role: str, rank: int, conn, body) -> None:
+    try:
+        body()
+    except BaseException:  # report everything to the parent, then exit non-zero
+        conn.send(("error", role, rank, traceback.format_exc()))
+        raise SystemExit(1)
+    finally:
+        conn.close()
+
+
+def src_main(cfg: DemoConfig, rank: int, conn) -> None:
+    """A prefill rank: fill pages, serve the handshake, wait for every reader's notice."""
+    _prepare_env(cfg.device)
+
+    def body() -> None:
+        from .._plan import plan_all
+        from ._endpoint import Endpoint
+
+        memory = _to_device(_pages(cfg, cfg.src_tp, rank, cfg.src_page_nbytes, SRC_FILL), cfg.device)
+        regions = _regions(cfg, _addr(memory), cfg.src_page_nbytes)
+        with Endpoint(cfg.spec, tp=cfg.src_tp, rank=rank, regions=regions, memory=[memory],
+                      name=f"demo-prefill-{rank}-{os.getpid()}") as endpoint:
+            conn.send(("ready", "src", rank, endpoint.serve("127.0.0.1", 0)))
+            assert conn.recv() == "collect"
+            readers = sum(rank in plan.src_ranks for plan in plan_all(cfg.spec, cfg.src_tp, cfg.dst_tp))
+            for request in range(len(cfg.pairs)):
+                endpoint.wait_for_reads(cfg.request_id(request), readers, timeout_s=cfg.timeout_s)
+            conn.send(("freed", "src", rank, {"requests": len(cfg.pairs), "readers": readers}))
+            assert conn.recv() == "stop"
+
+    _guard("src", rank, conn, body)
+
+
+def _verify(cfg: DemoConfig, memory: Any, expected: np.ndarray) -> dict:
+    if isinstance(memory, np.ndarray):
+        bad = np.flatnonzero(memory != expected)
+    else:  # compare on the GPU; only the positions come back
+        import torch
+
+        bad = torch.nonzero(memory != torch.from_numpy(expected).to(memory.device)).flatten().cpu().numpy()
+    result = {"pages": cfg.n_layers * len(cfg.pairs), "checked_nbytes": int(expected.size),
+              "mismatched_nbytes": int(bad.size)}
+    if bad.size:
+        slot, offset = divmod(int(bad[0]), cfg.dst_page_nbytes)
+        layer, block = divmod(slot, cfg.num_blocks)
+        if cfg.layout == "block":
+            block, layer = divmod(slot, cfg.n_layers)
+        result["first_mismatch"] = f"layer {layer}, dst block {block}, byte {offset} of the page"
+    return result
+
+
+def dst_main(cfg: DemoConfig, rank: int, conn) -> None:
+    """A decode rank: receive the src addresses, connect to every src rank, read the
+    batch, verify every byte."""
+    _prepare_env(cfg.device)
+
+    def body() -> None:
+        from ._endpoint import Endpoint
+        from ._reader import Reader
+
+        initial = np.full(cfg.n_layers * cfg.num_blocks * cfg.dst_page_nbytes, DST_FILL, np.uint8)
+        memory = _to_device(initial, cfg.device)
+        regions = _regions(cfg, _addr(memory), cfg.dst_page_nbytes)
+        expected = _pages(cfg, cfg.dst_tp, rank, cfg.dst_page_nbytes, DST_FILL)
+        with Endpoint(cfg.spec, tp=cfg.dst_tp, rank=rank, regions=regions, memory=[memory],
+                      name=f"demo-decode-{rank}-{os.getpid()}") as endpoint, Reader(endpoint) as reader:
+            addresses = conn.recv()  # [(host, port)] of every src rank, from the parent
+            for host, port in addresses:
+                reader.connect_to(host, port, timeout_s=cfg.timeout_s)
+            needed = reader.plan.src_ranks
+            for src_rank in [r for r in list(reader.peers) if r not in needed]:
+                reader.disconnect(src_rank)  # this rank reads nothing from it
+            reader.warm_up(timeout_s=cfg.timeout_s)
+            conn.send(("ready", "dst", rank, None))
+            assert conn.recv() == "go"
+            pairs = np.array(cfg.pairs, dtype=np.int64).reshape(-1, 2)
+            batches = [range(i, min(i + cfg.batch, len(pairs))) for i in range(0, len(pairs), cfg.batch)]
+            totals = {"reads": 0, "descriptors": 0, "nbytes": 0, "transfers": 0}
+            started = time.perf_counter()
+            for done, batch in enumerate(batches, 1):
+                stats = reader.read(pairs[batch.start: batch.stop],
+                                    [cfg.request_id(i) for i in batch], timeout_s=cfg.timeout_s)
+                if cfg.device == "cuda":
+                    import torch
+
+                    torch.cuda.synchronize()
+                for key, value in (("reads", stats.n_reads), ("descriptors", stats.n_descriptors),
+                                   ("nbytes", stats.nbytes), ("transfers", stats.n_transfers)):
+                    totals[key] += value
+                conn.send(("progress", "dst", rank, (done, len(batches))))
+            totals["elapsed_s"] = time.perf_counter() - started
+            totals["src_ranks"] = list(needed)
+            totals["verify"] = _verify(cfg, memory, expected)
+            conn.send(("done", "dst", rank, totals))
+
+    _guard("dst", rank, conn, body)
