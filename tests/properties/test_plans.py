@@ -181,6 +181,18 @@ def test_plan_all_is_plan_reads_of_every_rank_and_deterministic(case):
             assert plan.reads_from(src_rank) == tuple(r for r in plan.reads if r.src_rank == src_rank)
 
 
+@given(case=transfer_cases())
+def test_plan_tables_show_every_read(case):
+    spec, src_tp, dst_tp = case
+    plan = plan_reads(spec, src_tp, dst_tp, dst_tp - 1)
+    table = plan.format_table()
+    lines = table.splitlines()
+    for read in plan.reads:
+        assert any(f"[{read.src_offset}, {read.src_end})" in line and f"[{read.dst_offset}, {read.dst_end})" in line
+                   and line.split()[0] == str(read.src_rank) for line in lines), read
+    assert f"{len(plan.reads)} read" in lines[-1] and f"{plan.nbytes} B" in lines[-1]
+
+
 _FRESH_CASES = (PINNED[1], PINNED[5], PINNED[6])  # SD, replicated on src, non-divisible
 
 
