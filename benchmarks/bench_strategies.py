@@ -43,6 +43,12 @@ SUITES = {
 }
 
 
+def _write(path: str, records: list) -> None:
+    if os.path.exists(path):
+        os.remove(path)
+    _bench.append_json(path, records)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", default="qwen", help=f"comma list of {sorted(SUITES)}")
@@ -67,14 +73,14 @@ def main(argv=None) -> int:
                 continue
             records += recs
             print(_bench.format_records(recs), flush=True)
+            if opts.out:  # after every case, so a run cut short keeps what it measured
+                _write(opts.out, records)
             print(f"({time.perf_counter() - t0:.0f} s)", flush=True)
     _bench._speedups(records)
     print("\n== all cases (median_s: dst ranks one after another, summed)")
     print(_bench.format_records(records), flush=True)
     if opts.out:
-        if os.path.exists(opts.out):
-            os.remove(opts.out)
-        _bench.append_json(opts.out, records)
+        _write(opts.out, records)
     if opts.plot:
         _bench.plot_records(records, opts.plot)
     return 1 if failed or not all(r["verified"] for r in records) else 0
