@@ -38,6 +38,11 @@ from ._sidechannel import fetch_handshake_bytes
 __all__ = ["Peer", "Reader", "PendingRead", "ReadStats"]
 
 _LOCAL = "NIXL_INIT_AGENT"
+_HINTS = {
+    "nixlNotFoundError": " A descriptor lies outside memory registered on its side: deregistered "
+                         "pages, or a stale handshake (fetch a new one).",
+    "nixlRemoteDisconnectError": " The src process went away or closed its endpoint.",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,8 +369,7 @@ class Reader:
                     t.release()
                 raise TransferError(
                     f"Could not post the READ from src rank {src_rank}: {type(error).__name__}: "
-                    f"{error}. NIXL_ERR_NOT_FOUND means a descriptor is outside memory "
-                    f"registered on its side (stale handshake, or deregistered pages).",
+                    f"{error}.{_HINTS.get(type(error).__name__, '')}",
                     request=_label(ids), peer=peer.agent_name) from error
             if state == "ERR":
                 for t in transfers:

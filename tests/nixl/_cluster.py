@@ -1,0 +1,97 @@
+"""Build src and dst ranks' memories from the reference model, for backend tests.
+
+A `Case` fixes a transfer: spec, TP sizes, layers, block count, the batch's scattered
+`(src_block, dst_block)` pairs, how each side lays out and pads its pages. Request `i` of
+layer `l` holds `reference.random_state(spec, seed(l, i))`. A src rank's memory has its
+shard of every batch page and `SRC_FILL` elsewhere; a dst rank's memory starts as
+`DST_FILL`, and after the transfer must equal `expected_dst`: the reference shard of
+every batch page, `DST_FILL` everywhere else (padding and other blocks untouched).
+
+Used by tests in this folder and by `tests/gpu/` (with torch tensors for memory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ssm_split import RegionSet, page_layout
+from ssm_split.reference import random_state, shard
+
+SRC_FILL, DST_FILL = 0x5A, 0xEE
+
+
+@dataclass(frozen=True)
+class Case:
+    spec: object
+    src_tp: int
+    dst_tp: int
+    num_layers: int = 3
+    num_blocks: int = 9
+    pairs: tuple = ((7, 2), (0, 5), (3, 4), (8, 0))  # scattered; dst 4, 5 adjacent
+    src_order: str = "layer"
+    dst_order: str = "layer"
+    src_pad: int = 24
+    dst_pad: int = 40
+    seed: int = 1
+    _states: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def pairs_array(self) -> np.ndarray:
+        return np.array(self.pairs, dtype=np.int64).reshape(-1, 2)
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [f"req-{i}" for i in range(len(self.pairs))]
+
+    def state(self, layer: int, request: int) -> dict:
+        key = (layer, request)
+        if key not in self._states:
+            seed = int(np.random.SeedSequence([self.seed, layer, request]).generate_state(1)[0])
+            self._states[key] = random_state(self.spec, seed)
+        return self._states[key]
+
+    def page_nbytes(self, side: str) -> int:
+        tp = self.src_tp if side == "src" else self.dst_tp
+        pad = self.src_pad if side == "src" else self.dst_pad
+        return page_layout(self.spec, tp, 0).content_nbytes + pad
+
+    def memory_nbytes(self, side: str) -> int:
+        return self.num_layers * self.num_blocks * self.page_nbytes(side)
+
+    def regions(self, side: str, base_addr: int) -> RegionSet:
+        order = self.src_order if side == "src" else self.dst_order
+        return RegionSet.packed(base_addr, num_layers=self.num_layers, num_blocks=self.num_blocks,
+                                page_nbytes=self.page_nbytes(side), order=order)
+
+    def _fill(self, side: str, rank: int, fill: int) -> np.ndarray:
+        tp = self.src_tp if side == "src" else self.dst_tp
+        page_nbytes = self.page_nbytes(side)
+        memory = np.full(self.memory_nbytes(side), fill, dtype=np.uint8)
+        layout = self.regions(side, 0)
+        column = 0 if side == "src" else 1
+        for layer in range(self.num_layers):
+            for request, pair in enumerate(self.pairs):
+                page = shard(self.spec, self.state(layer, request), tp, page_nbytes=page_nbytes,
+                             pad_byte=fill)[rank]
+                start = layout.page_addr(layer, pair[column])
+                memory[start: start + page_nbytes] = page
+        return memory
+
+    def src_memory(self, rank: int) -> np.ndarray:
+        """A src rank's memory, with its shard of every batch page filled in."""
+        return self._fill("src", rank, SRC_FILL)
+
+    def dst_memory(self) -> np.ndarray:
+        """A dst rank's memory before the transfer."""
+        return np.full(self.memory_nbytes("dst"), DST_FILL, dtype=np.uint8)
+
+    def expected_dst(self, rank: int) -> np.ndarray:
+        """A dst rank's memory after a correct transfer of the whole batch."""
+        return self._fill("dst", rank, DST_FILL)
+
+
+def first_difference(got: np.ndarray, want: np.ndarray) -> str:
+    bad = np.flatnonzero(got != want)
+    return "identical" if not bad.size else f"{bad.size} bytes differ, first at {int(bad[0])}"

@@ -1,0 +1,51 @@
+"""A src engine in its own process, for two-process tests (started with `spawn`).
+
+It builds every src rank of a `Case` from the reference model, serves each handshake on
+loopback and sends the addresses to the test over a pipe; then it answers commands:
+
+- `("wait", request_ids, counts)`: wait until src rank r saw `counts[r]` notifications
+  for each id; answers `("waited", [reads_done per rank for the first id])`;
+- `("reregister", rank)`: deregister and re-register that rank's pages (generation +2);
+- `("stop",)`: close and exit.
+
+Only the pipe's small control messages and what NIXL and the side channel carry cross
+the process boundary.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+
+def serve_src(case, conn) -> None:
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+    try:
+        from ssm_split.nixl_backend import Endpoint
+
+        memories = [case.src_memory(r) for r in range(case.src_tp)]
+        endpoints = [Endpoint(case.spec, tp=case.src_tp, rank=r, memory=[m],
+                              regions=case.regions("src", m.ctypes.data))
+                     for r, m in enumerate(memories)]
+        conn.send(("ready", [e.serve("127.0.0.1", 0) for e in endpoints]))
+        while True:
+            command = conn.recv()
+            if command[0] == "stop":
+                break
+            if command[0] == "wait":
+                _, request_ids, counts = command
+                for endpoint, count in zip(endpoints, counts):
+                    for request_id in request_ids:
+                        endpoint.wait_for_reads(request_id, count, timeout_s=20)
+                conn.send(("waited", [e.reads_done(request_ids[0]) for e in endpoints]))
+            elif command[0] == "reregister":
+                endpoints[command[1]].deregister()
+                endpoints[command[1]].register()
+                conn.send(("reregistered", endpoints[command[1]].generation))
+        for endpoint in endpoints:
+            endpoint.close()
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        raise
+    finally:
+        conn.close()

@@ -1,0 +1,180 @@
+"""Handshake encoding, strict decoding and the TCP side channel (no NIXL needed)."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import socket
+import struct
+
+import pytest
+
+from ssm_split import (Buffer, GDNSpec, HandshakeError, Mamba2Spec, RegionSet, TransferError)
+from ssm_split.nixl_backend import HANDSHAKE_VERSION, Handshake, decode_handshake, spec_fingerprint
+from ssm_split.nixl_backend._handshake import MAX_HANDSHAKE_NBYTES, _canonical
+from ssm_split.nixl_backend._sidechannel import REQUEST, SideChannelServer, fetch_handshake_bytes
+
+SPEC = Mamba2Spec(num_heads=4, head_dim=2, n_groups=1, state_size=4, ssm_dtype="float32")
+
+
+def make_handshake(**changes) -> Handshake:
+    fields = dict(spec=SPEC, tp=2, rank=1, agent_name="prefill-1", mem_type="DRAM",
+                  regions=RegionSet.packed(0x7F0000001000, num_layers=3, num_blocks=5, page_nbytes=640),
+                  scratch=Buffer(0x7F0000100000, 64), agent_metadata=b"\x00nixl-metadata\xff" * 7,
+                  generation=3)
+    fields.update(changes)
+    return Handshake(**fields)
+
+
+def reencode(data: bytes, edit) -> bytes:
+    """Decode the JSON, apply `edit(envelope)`, and re-sign the body so only the edit
+    differs (a peer that lies consistently, not a corrupted message)."""
+    envelope = json.loads(data)
+    edit(envelope)
+    envelope["sha256"] = hashlib.sha256(_canonical(envelope["body"])).hexdigest()
+    return _canonical(envelope)
+
+
+def test_round_trip_keeps_every_field():
+    hs = make_handshake(spec=GDNSpec(num_k_heads=2, num_v_heads=4, head_k_dim=8, head_v_dim=4,
+                                     conv_layout="SD", spec_tokens=2))
+    back = decode_handshake(hs.encode())
+    assert back == hs and back.fingerprint == spec_fingerprint(hs.spec)
+    assert json.loads(hs.encode())["version"] == HANDSHAKE_VERSION
+
+
+def test_fingerprint_changes_with_any_spec_field():
+    base = spec_fingerprint(SPEC)
+    assert spec_fingerprint(Mamba2Spec(num_heads=4, head_dim=2, n_groups=1, state_size=4,
+                                       ssm_dtype="float32")) == base
+    for change in ({"n_groups": 2}, {"ssm_dtype": "bfloat16"}, {"conv_layout": "SD"}, {"spec_tokens": 1}):
+        assert spec_fingerprint(dataclasses.replace(SPEC, **change)) != base
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda d: d[: len(d) // 2], "not UTF-8 JSON"),
+    (lambda d: b"", "not UTF-8 JSON"),
+    (lambda d: b"\xff\xfe" + d, "not UTF-8 JSON"),
+    (lambda d: b"[" * 100000 + b"]" * 100000, "not UTF-8 JSON|Not an ssm_split handshake"),
+    (lambda d: d.replace(b'"tp":2', b'"tp":3'), "digest does not match"),
+    (lambda d: b'{"format":"other"}', "Not an ssm_split handshake"),
+])
+def test_corrupted_bytes_are_rejected(mutate, match):
+    with pytest.raises(HandshakeError, match=match):
+        decode_handshake(mutate(make_handshake().encode()))
+
+
+def test_oversized_and_non_bytes_input():
+    with pytest.raises(HandshakeError, match="exceeds the limit"):
+        decode_handshake(b" " * (MAX_HANDSHAKE_NBYTES + 1))
+    with pytest.raises(HandshakeError, match="must be bytes"):
+        decode_handshake("{}")
+
+
+def _set(path, value):
+    def edit(envelope):
+        target = envelope
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_set(["version"], HANDSHAKE_VERSION + 1), "version 2 is not supported"),
+    (_set(["body", "tp"], True), "`tp` must be an int"),
+    (_set(["body", "rank"], 2), "rank 2 is not below its tp 2"),
+    (_set(["body", "generation"], 0), "`generation` must be an int in \\[1"),
+    (_set(["body", "mem_type"], "GPU"), "mem_type must be one of"),
+    (_set(["body", "agent_name"], ""), "agent_name must be a str"),
+    (_set(["body", "extra"], 1), "unexpected keys \\['extra'\\]"),
+    (_set(["body", "spec", "family"], "rwkv"), "family 'rwkv' is unknown"),
+    (_set(["body", "spec", "fields", "n_groups"], 3), "spec is invalid"),
+    (_set(["body", "spec", "fields", "n_groups"], 2.0), "must be an int or str"),
+    (_set(["body", "fingerprint"], "0" * 64), "fingerprint does not match"),
+    (_set(["body", "regions", "layers"], [[0, 640, 320, 5, 0]]), "regions or metadata are invalid"),
+    (_set(["body", "regions", "buffers"], [[1, 2]]), "rows of 3 ints"),
+    (_set(["body", "regions", "layers"], []), "list of 1..65536 rows"),
+    (_set(["body", "scratch"], [0, 0, 0]), "regions or metadata are invalid"),
+    (_set(["body", "agent_metadata"], "not base64!"), "regions or metadata are invalid"),
+    (_set(["body", "agent_metadata"], ""), "agent_metadata must be non-empty"),
+])
+def test_consistently_wrong_fields_are_rejected(edit, match):
+    with pytest.raises(HandshakeError, match=match):
+        decode_handshake(reencode(make_handshake().encode(), edit))
+
+
+def test_metadata_survives_base64():
+    raw = bytes(range(256)) * 3
+    hs = make_handshake(agent_metadata=raw)
+    body = json.loads(hs.encode())["body"]
+    assert base64.b64decode(body["agent_metadata"]) == raw
+    assert decode_handshake(hs.encode()).agent_metadata == raw
+
+
+# --- side channel -------------------------------------------------------------------------
+
+
+def test_side_channel_serves_the_current_handshake():
+    current = [make_handshake(generation=1).encode()]
+    server = SideChannelServer(lambda: current[0], "127.0.0.1", 0)
+    try:
+        host, port = server.address
+        assert host == "127.0.0.1" and port > 0
+        assert decode_handshake(fetch_handshake_bytes(host, port)).generation == 1
+        current[0] = make_handshake(generation=2).encode()  # re-registered: a new snapshot
+        assert decode_handshake(fetch_handshake_bytes(host, port)).generation == 2
+    finally:
+        server.close()
+
+
+def test_side_channel_ignores_other_requests():
+    server = SideChannelServer(lambda: b"secret", "127.0.0.1", 0)
+    try:
+        with socket.create_connection(server.address, timeout=5) as conn:
+            conn.sendall(b"GET / HTTP/1.0\r\n\r\n".ljust(len(REQUEST), b" "))
+            assert conn.recv(100) == b""  # closed without an answer
+        assert fetch_handshake_bytes(*server.address) == b"secret"
+    finally:
+        server.close()
+
+
+def test_nobody_listening_is_a_transfer_error_naming_the_address():
+    server = SideChannelServer(lambda: b"x", "127.0.0.1", 0)
+    host, port = server.address
+    server.close()
+    with pytest.raises(TransferError, match=f"Could not fetch a handshake from 127.0.0.1:{port}") as info:
+        fetch_handshake_bytes(host, port, timeout_s=2)
+    assert info.value.peer == f"127.0.0.1:{port}"
+
+
+def _one_shot_server(answer: bytes) -> tuple[socket.socket, tuple[str, int]]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)
+
+    import threading
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(len(REQUEST))
+            conn.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, listener.getsockname()[:2]
+
+
+@pytest.mark.parametrize("answer, match", [
+    (struct.pack(">Q", MAX_HANDSHAKE_NBYTES + 1), "above the limit"),
+    (struct.pack(">Q", 100) + b"short", "truncated handshake"),
+    (b"\x00\x00", "truncated handshake"),
+])
+def test_bad_answers_are_handshake_errors(answer, match):
+    listener, (host, port) = _one_shot_server(answer)
+    try:
+        with pytest.raises(HandshakeError, match=match):
+            fetch_handshake_bytes(host, port, timeout_s=5)
+    finally:
+        listener.close()

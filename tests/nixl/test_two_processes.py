@@ -1,0 +1,134 @@
+"""Real NIXL READs between processes: the src engine runs in a child process and is found
+through its side channel's TCP address only; the dst ranks run in the test process."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nixl")
+
+from ssm_split import GDNSpec, HandshakeError, TransferError, plan_all  # noqa: E402
+from ssm_split.nixl_backend import Endpoint, Reader  # noqa: E402
+
+from ._cluster import Case, first_difference  # noqa: E402
+from ._peer import serve_src  # noqa: E402
+
+pytestmark = pytest.mark.nixl
+
+# 2 key heads: replicated on 4 dst ranks; float32 temporal state
+SRC = Case(GDNSpec(num_k_heads=2, num_v_heads=4, head_k_dim=4, head_v_dim=2, ssm_dtype="float32"),
+           src_tp=2, dst_tp=1, num_blocks=10, pairs=((9, 1), (2, 8), (5, 3), (0, 4), (6, 5)))
+
+
+class SrcEngine:
+    def __init__(self, case: Case):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=serve_src, args=(case, child), daemon=True)
+        self.proc.start()
+        child.close()
+        self.addresses = self.ask(None, "ready", timeout_s=60)
+
+    def ask(self, command, expect: str, timeout_s: float = 30):
+        if command is not None:
+            self.conn.send(command)
+        if not self.conn.poll(timeout_s):
+            raise AssertionError(f"src process did not answer {command!r}")
+        kind, payload = self.conn.recv()
+        if kind == "error":
+            raise AssertionError(f"src process failed:\n{payload}")
+        assert kind == expect
+        return payload
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.conn.send(("stop",))
+            except OSError:
+                pass
+        self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+
+
+@pytest.fixture(scope="module")
+def src_engine():
+    engine = SrcEngine(SRC)
+    yield engine
+    engine.stop()
+
+
+def dst_side(case: Case, rank: int):
+    memory = case.dst_memory()
+    endpoint = Endpoint(case.spec, tp=case.dst_tp, rank=rank, memory=[memory],
+                        regions=case.regions("dst", memory.ctypes.data))
+    return endpoint, Reader(endpoint), memory
+
+
+@pytest.mark.parametrize("dst_tp", [1, 2, 4])  # src TP > dst TP, equal, dst TP > src TP
+def test_read_from_another_process(src_engine, dst_tp):
+    case = dataclasses.replace(SRC, dst_tp=dst_tp)
+    request_ids = [f"d{dst_tp}-{i}" for i in range(len(case.pairs))]
+    plans = plan_all(case.spec, case.src_tp, dst_tp)
+    sides = [dst_side(case, rank) for rank in range(dst_tp)]
+    try:
+        for _, reader, _ in sides:
+            for host, port in src_engine.addresses:
+                reader.connect_to(host, port)
+            reader.warm_up()
+        pending = [reader.start_read(case.pairs_array, request_ids) for _, reader, _ in sides]
+        for rank, ((_, _, memory), read) in enumerate(zip(sides, pending)):
+            stats = read.wait()
+            assert stats.n_transfers == len(plans[rank].src_ranks)
+            want = case.expected_dst(rank)
+            assert np.array_equal(memory, want), first_difference(memory, want)
+        counts = [sum(r in plan.src_ranks for plan in plans) for r in range(case.src_tp)]
+        assert src_engine.ask(("wait", request_ids, counts), "waited") == counts
+    finally:
+        for endpoint, reader, _ in sides:
+            reader.close()
+            endpoint.close()
+
+
+def test_stale_handshake_is_caught_after_the_src_reregisters(src_engine):
+    endpoint, reader, memory = dst_side(SRC, 0)
+    try:
+        for host, port in src_engine.addresses:
+            reader.connect_to(host, port)
+        reader.warm_up()
+        generation = src_engine.ask(("reregister", 1), "reregistered")
+        assert generation == reader.peers[1].handshake.generation + 2
+        with pytest.raises(HandshakeError, match="src rank 1 .* handshake is stale"):
+            reader.warm_up()
+        reader.connect_to(*src_engine.addresses[1])  # a fresh handshake
+        assert reader.peers[1].handshake.generation == generation
+        reader.warm_up()
+        reader.read(SRC.pairs_array, "after-reregister")
+        assert np.array_equal(memory, SRC.expected_dst(0))
+    finally:
+        reader.close()
+        endpoint.close()
+
+
+def test_a_dead_src_process_is_a_transfer_error_not_a_success():
+    case = dataclasses.replace(SRC, src_tp=1)
+    engine = SrcEngine(case)
+    endpoint, reader, memory = dst_side(case, 0)
+    try:
+        reader.connect_to(*engine.addresses[0])
+        reader.warm_up()
+        peer = reader.peers[0].agent_name
+        engine.proc.kill()
+        engine.proc.join()
+        with pytest.raises(TransferError) as info:
+            reader.read(case.pairs_array, "orphan", timeout_s=10)
+        assert info.value.peer == peer and info.value.request == "orphan"
+    finally:
+        engine.stop()
+        reader.close()
+        endpoint.close()
