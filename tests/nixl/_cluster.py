@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ssm_split import RegionSet, page_layout
+from ssm_split import RegionSet, page_layout, plan_reads
 from ssm_split.reference import random_state, shard
 
 SRC_FILL, DST_FILL = 0x5A, 0xEE
@@ -90,6 +90,29 @@ class Case:
     def expected_dst(self, rank: int) -> np.ndarray:
         """A dst rank's memory after a correct transfer of the whole batch."""
         return self._fill("dst", rank, DST_FILL)
+
+
+def random_src_memory(case: Case, rank: int) -> np.ndarray:
+    """A src rank's memory filled with seeded random bytes (fast, for large runs); the
+    dst side regenerates it to work out `expected_by_reads`."""
+    rng = np.random.default_rng([case.seed, rank])
+    return np.frombuffer(rng.bytes(case.memory_nbytes("src")), dtype=np.uint8).copy()
+
+
+def expected_by_reads(case: Case, rank: int, src_memories: list[np.ndarray]) -> np.ndarray:
+    """A dst rank's memory after the batch, by applying the plan's reads one by one to
+    every (layer, request): an independent check of the expansion and of NIXL."""
+    expected = case.dst_memory()
+    src_layout, dst_layout = case.regions("src", 0), case.regions("dst", 0)
+    for layer in range(case.num_layers):
+        for src_block, dst_block in case.pairs:
+            src_page = src_layout.page_addr(layer, src_block)
+            dst_page = dst_layout.page_addr(layer, dst_block)
+            for read in plan_reads(case.spec, case.src_tp, case.dst_tp, rank).reads:
+                src = src_memories[read.src_rank]
+                expected[dst_page + read.dst_offset: dst_page + read.dst_end] = \
+                    src[src_page + read.src_offset: src_page + read.src_end]
+    return expected
 
 
 def first_difference(got: np.ndarray, want: np.ndarray) -> str:

@@ -18,15 +18,34 @@ import os
 import traceback
 
 
-def serve_src(case, conn) -> None:
+def _on_device(memory, device: str):
+    if device == "cpu":
+        return memory, int(memory.ctypes.data)
+    import torch
+
+    tensor = torch.from_numpy(memory).to(device)
+    return tensor, int(tensor.data_ptr())
+
+
+def serve_src(case, conn, device: str = "cpu", fill: str = "reference") -> None:
+    """Serve every src rank of `case`. `device`: "cpu" (numpy DRAM) or "cuda" (VRAM
+    tensors); `fill`: "reference" (`case.src_memory`) or "random"
+    (`_cluster.random_src_memory`)."""
     os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+    if device != "cpu":
+        os.environ.setdefault("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")
     try:
         from ssm_split.nixl_backend import Endpoint
 
-        memories = [case.src_memory(r) for r in range(case.src_tp)]
+        from ._cluster import random_src_memory
+
+        memories = []
+        for rank in range(case.src_tp):
+            host = case.src_memory(rank) if fill == "reference" else random_src_memory(case, rank)
+            memories.append(_on_device(host, device))  # CUDA context before any agent
         endpoints = [Endpoint(case.spec, tp=case.src_tp, rank=r, memory=[m],
-                              regions=case.regions("src", m.ctypes.data))
-                     for r, m in enumerate(memories)]
+                              regions=case.regions("src", addr))
+                     for r, (m, addr) in enumerate(memories)]
         conn.send(("ready", [e.serve("127.0.0.1", 0) for e in endpoints]))
         while True:
             command = conn.recv()

@@ -1,0 +1,266 @@
+"""NIXL READs of GPU memory (VRAM) between processes, checked byte for byte on the GPU.
+
+Skipped cleanly without torch, without a CUDA device, or without nixl. On a GPU machine:
+
+    UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y SSM_SPLIT_RESULTS_DIR=results python -m pytest tests/gpu -s
+
+(the variable is set here if unset; without it UCX emulates GPU READs over TCP at about
+0.4 GB/s). Every src engine runs in its own process (spawned), found through its side
+channel; the dst ranks run in the test process.
+
+- `test_vram_transfer_matches_the_reference`: small specs, pages from
+  `reference.shard`, several TP pairs (replication, SD layout, P > D, D > P).
+- `test_vram_throughput`: real models, 64 requests with scattered block ids, random page
+  bytes; checked against the plan's reads applied one by one, then timed (median of 5
+  batches, all dst ranks at once) next to a `torch` copy of the same bytes. Results are
+  printed and, with `SSM_SPLIT_RESULTS_DIR` set, written to `gpu_transfer.json` there.
+
+`SSM_SPLIT_GPU_TEST_DEVICE=cpu` runs the same code on DRAM with numpy and small sizes:
+only for developing this file on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DEVICE = os.environ.get("SSM_SPLIT_GPU_TEST_DEVICE", "cuda")
+if DEVICE == "cuda":
+    torch = pytest.importorskip("torch")  # before nixl: it picks its CUDA variant from torch
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device", allow_module_level=True)
+    os.environ.setdefault("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")  # before any UCX context
+    torch.zeros(1, device="cuda")  # CUDA context before any NIXL agent
+pytest.importorskip("nixl")
+
+from ssm_split import GDNSpec, Mamba2Spec, model, plan_all  # noqa: E402
+from ssm_split.nixl_backend import Endpoint, Reader  # noqa: E402
+from tests.nixl._cluster import Case, expected_by_reads, random_src_memory  # noqa: E402
+from tests.nixl._peer import serve_src  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.nixl]
+RESULTS: list[dict] = []
+
+
+# --- memory on the device under test -----------------------------------------------------
+
+def to_device(host: np.ndarray):
+    return host if DEVICE == "cpu" else torch.from_numpy(host).to("cuda")
+
+
+def address(memory) -> int:
+    return int(memory.ctypes.data) if DEVICE == "cpu" else int(memory.data_ptr())
+
+
+def mismatched_nbytes(memory, expected: np.ndarray) -> int:
+    """Bytes that differ, counted on the GPU (only the count comes back)."""
+    if DEVICE == "cpu":
+        return int(np.count_nonzero(memory != expected))
+    return int((memory != torch.from_numpy(expected).to(memory.device)).sum().item())
+
+
+def synchronize() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+# --- processes ----------------------------------------------------------------------------
+
+class SrcEngine:
+    """A src engine (every src rank of a case) in a spawned process."""
+
+    def __init__(self, case: Case, fill: str):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=serve_src, args=(case, child, DEVICE, fill), daemon=True)
+        self.proc.start()
+        child.close()
+        self.addresses = self.ask(None, "ready", timeout_s=300)
+
+    def ask(self, command, expect: str, timeout_s: float = 60):
+        if command is not None:
+            self.conn.send(command)
+        if not self.conn.poll(timeout_s):
+            raise AssertionError(f"the src process did not answer {command!r}")
+        kind, payload = self.conn.recv()
+        if kind == "error":
+            raise AssertionError(f"the src process failed:\n{payload}")
+        assert kind == expect
+        return payload
+
+    def __enter__(self) -> "SrcEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.is_alive():
+            self.conn.send(("stop",))
+        self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+
+
+def dst_ranks(case: Case, engine: SrcEngine):
+    """Every dst rank's (endpoint, reader, memory), connected and warmed up."""
+    sides = []
+    for rank in range(case.dst_tp):
+        memory = to_device(case.dst_memory())
+        endpoint = Endpoint(case.spec, tp=case.dst_tp, rank=rank, memory=[memory],
+                            regions=case.regions("dst", address(memory)))
+        reader = Reader(endpoint)
+        for host, port in engine.addresses:
+            reader.connect_to(host, port)
+        reader.warm_up()
+        sides.append((endpoint, reader, memory))
+    return sides
+
+
+def close(sides) -> None:
+    for endpoint, reader, _ in sides:
+        reader.close()
+        endpoint.close()
+
+
+def read_all(sides, pairs: np.ndarray, request_id: str) -> tuple[float, list]:
+    """Post every dst rank's batch at once; wall time until all are done and synced."""
+    synchronize()
+    started = time.perf_counter()
+    pending = [reader.start_read(pairs, request_id) for _, reader, _ in sides]
+    stats = [p.wait() for p in pending]
+    synchronize()
+    return time.perf_counter() - started, stats
+
+
+# --- correctness against the reference ------------------------------------------------------
+
+CASES = {
+    "1to2_mamba2_replicated": Case(Mamba2Spec(num_heads=8, head_dim=16, n_groups=1, state_size=16,
+                                              ssm_dtype="float32"), 1, 2),
+    "4to2_gdn": Case(GDNSpec(num_k_heads=2, num_v_heads=8, head_k_dim=16, head_v_dim=16), 4, 2,
+                     dst_order="block"),
+    "2to4_mamba2_sd": Case(Mamba2Spec(num_heads=8, head_dim=8, n_groups=2, state_size=8,
+                                      conv_layout="SD"), 2, 4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_vram_transfer_matches_the_reference(name):
+    case = CASES[name]
+    plans = plan_all(case.spec, case.src_tp, case.dst_tp)
+    with SrcEngine(case, "reference") as engine:
+        sides = dst_ranks(case, engine)
+        try:
+            _, stats = read_all(sides, case.pairs_array, f"{name}-batch")
+            for rank, (_, _, memory) in enumerate(sides):
+                assert stats[rank].n_transfers == len(plans[rank].src_ranks)
+                bad = mismatched_nbytes(memory, case.expected_dst(rank))
+                assert bad == 0, f"dst rank {rank}: {bad} bytes differ from reference.shard"
+            counts = [sum(r in p.src_ranks for p in plans) for r in range(case.src_tp)]
+            assert engine.ask(("wait", [f"{name}-batch"], counts), "waited") == counts
+        finally:
+            close(sides)
+
+
+# --- throughput ----------------------------------------------------------------------------
+
+SMALL = DEVICE == "cpu"
+THROUGHPUT = [  # model, src_tp, dst_tp, layers, layout
+    ("qwen3.5-27b", 1, 2, 8, "layer"),
+    ("qwen3.5-27b", 2, 1, 8, "layer"),
+    ("qwen3.5-27b", 2, 2, 8, "block"),  # equal TP, block-major, no padding: reads merge
+    ("nemotron-h-56b", 2, 4, 4, "layer"),
+]
+
+
+def _throughput_case(name: str, src_tp: int, dst_tp: int, layers: int, layout: str) -> Case:
+    requests = 8 if SMALL else 64
+    num_blocks = requests + requests // 4
+    rng = np.random.default_rng(7)
+    pairs = np.stack([rng.permutation(num_blocks)[:requests], rng.permutation(num_blocks)[:requests]], 1)
+    return Case(model(name), src_tp, dst_tp, num_layers=2 if SMALL else layers,
+                num_blocks=num_blocks, pairs=tuple(map(tuple, pairs.tolist())),
+                src_order=layout, dst_order=layout, src_pad=0, dst_pad=0, seed=11)
+
+
+def _copy_limit_s(nbytes: int, reps: int = 5) -> float:
+    """Median time of one device-to-device copy of `nbytes` (the copy limit)."""
+    if DEVICE == "cpu":
+        src, dst = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
+        times = []
+        for _ in range(reps):
+            started = time.perf_counter()
+            np.copyto(dst, src)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+    src = torch.ones(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def _record(entry: dict) -> None:
+    RESULTS.append(entry)
+    print("\n" + json.dumps(entry))
+    folder = os.environ.get("SSM_SPLIT_RESULTS_DIR")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "gpu_transfer.json").write_text(json.dumps(RESULTS, indent=1) + "\n")
+
+
+@pytest.mark.parametrize("name, src_tp, dst_tp, layers, layout", THROUGHPUT)
+def test_vram_throughput(name, src_tp, dst_tp, layers, layout):
+    case = _throughput_case(name, src_tp, dst_tp, layers, layout)
+    with SrcEngine(case, "random") as engine:
+        sides = dst_ranks(case, engine)
+        try:
+            read_all(sides, case.pairs_array, "first")  # untimed: first-touch and set-up
+            src_memories = [random_src_memory(case, r) for r in range(case.src_tp)]
+            for rank, (_, _, memory) in enumerate(sides):
+                bad = mismatched_nbytes(memory, expected_by_reads(case, rank, src_memories))
+                assert bad == 0, f"dst rank {rank}: {bad} bytes differ from the plan's reads"
+            del src_memories
+            runs = [read_all(sides, case.pairs_array, f"rep-{k}") for k in range(5)]
+        finally:
+            close(sides)
+    seconds = statistics.median(t for t, _ in runs)
+    stats = runs[0][1]
+    nbytes = sum(s.nbytes for s in stats)
+    copy_s = _copy_limit_s(nbytes)
+    _record({
+        "test": "vram_throughput", "model": name, "src_tp": src_tp, "dst_tp": dst_tp,
+        "layers": case.num_layers, "batch": len(case.pairs), "layout": layout,
+        "reads": sum(s.n_reads for s in stats), "descriptors": sum(s.n_descriptors for s in stats),
+        "transfers": sum(s.n_transfers for s in stats), "nbytes": nbytes,
+        "median_s": seconds, "gbps": nbytes / seconds / 1e9,
+        "copy_limit_gbps": nbytes / copy_s / 1e9, "pct_of_copy_limit": 100 * copy_s / seconds,
+        "device": "cpu (dry run)" if DEVICE == "cpu" else torch.cuda.get_device_name(),
+        "torch": None if DEVICE == "cpu" else torch.__version__,
+        "nixl": importlib.metadata.version("nixl"), "python": platform.python_version(),
+        "UCX_CUDA_IPC_ENABLE_GET_ZCOPY": os.environ.get("UCX_CUDA_IPC_ENABLE_GET_ZCOPY"),
+    })
+    assert nbytes == len(case.pairs) * case.num_layers * sum(
+        p.dst_content_nbytes for p in plan_all(case.spec, src_tp, dst_tp))
+
+
+def test_results_were_recorded_when_asked():
+    folder = os.environ.get("SSM_SPLIT_RESULTS_DIR")
+    if not folder or not RESULTS:
+        pytest.skip("set SSM_SPLIT_RESULTS_DIR and run the throughput tests to record results")
+    assert json.loads((Path(folder) / "gpu_transfer.json").read_text()) == RESULTS
