@@ -371,6 +371,21 @@ def _merged_reads(plan: Plan, src_rank: int) -> tuple[np.ndarray, np.ndarray, np
     return table[:, 0], table[:, 1], table[:, 2]
 
 
+def _fill(pages: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, devices: np.ndarray) -> np.ndarray:
+    """Rows `(page + offset, length, device)` for every page and read: shape `(P * k, 3)`."""
+    template = np.zeros((len(offsets), 3), dtype=_U64)
+    template[:, 0], template[:, 1] = offsets, lengths
+    same_device = devices.size == 0 or bool(np.all(devices == devices[0]))
+    if same_device and devices.size:
+        template[:, 2] = devices[0]
+    out = np.empty((pages.size, len(offsets), 3), dtype=_U64)
+    out[...] = template
+    out[:, :, 0] += pages[:, None]
+    if not same_device:
+        out[:, :, 2] = devices[:, None]
+    return out.reshape(pages.size * len(offsets), 3)
+
+
 def _descriptors(dst_pages, src_pages, dst_dev, src_dev, joinable, src_off, dst_off, lengths):
     """Per-page reads -> merged `(M, 3)` arrays for both sides.
 
@@ -380,20 +395,12 @@ def _descriptors(dst_pages, src_pages, dst_dev, src_dev, joinable, src_off, dst_
     boundary between the last read of page `p` and the first read of page `p + 1`.
     """
     n_pages, k = dst_pages.size, lengths.size
-    dst = np.empty((n_pages, k, 3), dtype=_U64)
-    src = np.empty((n_pages, k, 3), dtype=_U64)
-    dst[:, :, 0] = dst_pages[:, None] + dst_off[None, :]
-    src[:, :, 0] = src_pages[:, None] + src_off[None, :]
-    dst[:, :, 1] = lengths[None, :]
-    src[:, :, 1] = lengths[None, :]
-    dst[:, :, 2] = dst_dev[:, None]
-    src[:, :, 2] = src_dev[:, None]
-    dst, src = dst.reshape(n_pages * k, 3), src.reshape(n_pages * k, 3)
+    dst = _fill(dst_pages, dst_off, lengths, dst_dev)
+    src = _fill(src_pages, src_off, lengths, src_dev)
     if n_pages > 1:
-        last, first = k - 1, 0
-        join = joinable.copy()
-        join &= dst[last:-1:k, 0] + lengths[last] == dst[k + first::k, 0]
-        join &= src[last:-1:k, 0] + lengths[last] == src[k + first::k, 0]
+        tail = lengths[k - 1]
+        join = joinable & (dst_pages[:-1] + (dst_off[k - 1] + tail) == dst_pages[1:] + dst_off[0])
+        join &= src_pages[:-1] + (src_off[k - 1] + tail) == src_pages[1:] + src_off[0]
         if join.any():
             is_start = np.ones(n_pages * k, dtype=bool)
             is_start[k::k] = ~join
