@@ -25,16 +25,24 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from ssm_split.nixl_backend import _bench  # noqa: E402
 
+QWEN = "--model qwen3.5-27b --layers 48"
+NEMOTRON = "--model nemotron-h-56b --layers 16 --blocks 96 --src-tp 2 --dst-tp 4"
 SUITES = {
-    "qwen": [
-        "--model qwen3.5-27b --layers 48 --src-tp 1 --dst-tp 2 --batch 8,16,32,64 --layout per-layer --baseline-threads 0,4",
-        "--model qwen3.5-27b --layers 48 --src-tp 2 --dst-tp 1 --batch 8,16,32,64 --layout per-layer --baseline-threads 0,4",
-        "--model qwen3.5-27b --layers 48 --src-tp 1 --dst-tp 2 --batch 8,16,32,64 --layout stacked",
-        "--model qwen3.5-27b --layers 48 --src-tp 2 --dst-tp 1 --batch 8,16,32,64 --layout stacked",
+    "qwen": [  # per-layer regions, as vLLM lays them out
+        f"{QWEN} --src-tp 1 --dst-tp 2 --batch 8,16,32,64 --baseline-threads 0,4",
+        f"{QWEN} --src-tp 2 --dst-tp 1 --batch 8,16,32,64 --baseline-threads 0,4",
+    ],
+    "qwen-stacked": [
+        f"{QWEN} --src-tp 1 --dst-tp 2 --batch 8,16,32,64 --layout stacked --threads 4,16",
+        f"{QWEN} --src-tp 2 --dst-tp 1 --batch 8,16,32,64 --layout stacked --threads 4,16",
+    ],
+    "qwen-threads": [  # more UCX threads, per-layer, batch 64
+        f"{QWEN} --src-tp 1 --dst-tp 2 --batch 64 --baseline-threads 4,16 --threads 8,16 --strategies baseline,ssm_split,staged",
+        f"{QWEN} --src-tp 2 --dst-tp 1 --batch 64 --baseline-threads 4,16 --threads 8,16 --strategies baseline,ssm_split,staged",
     ],
     "nemotron": [
-        "--model nemotron-h-56b --layers 16 --blocks 96 --src-tp 2 --dst-tp 4 --batch 16,32,64 --layout per-layer",
-        "--model nemotron-h-56b --layers 16 --blocks 96 --src-tp 2 --dst-tp 4 --batch 16,32,64 --layout stacked",
+        f"{NEMOTRON} --batch 16,32,64 --threads 4,16",
+        f"{NEMOTRON} --batch 16,32,64 --layout stacked --threads 4,16",
     ],
     "quick": [
         "--model qwen3.5-0.8b --layers 4 --src-tp 1 --dst-tp 2 --batch 2,4 --blocks 8 --repeats 2 --warmup 1",

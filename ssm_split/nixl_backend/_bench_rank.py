@@ -95,25 +95,38 @@ class _Memory:
         self.words(buf)[:] = POISON if not self.cuda else POISON
 
     def check(self, buf, template, keys, pairs: np.ndarray, content_words: int) -> bool:
-        """Blocks `pairs[:, 1]` hold `template ^ key(pairs[:, 0])` then poison; others poison."""
+        """Blocks `pairs[:, 1]` hold `template ^ key(pairs[:, 0])` then poison; others poison.
+
+        Checked a few blocks at a time, so it needs little memory beyond the pages."""
         w = self.words(buf)
-        dst = pairs[:, 1]
-        if self.cuda:
-            torch = self.torch
-            idx = torch.from_numpy(dst).to("cuda")
-            got = w.index_select(0, idx)
-            want = template[None, :content_words] ^ keys.index_select(0, torch.from_numpy(pairs[:, 0]).to("cuda"))[:, None]
-            ok = bool(torch.equal(got[:, :content_words], want))
-            ok &= bool((got[:, content_words:] == POISON).all())
-            mask = torch.ones(w.shape[0], dtype=torch.bool, device="cuda")
-            mask[idx] = False
-            return ok and bool((w[mask] == POISON).all())
-        got = w[dst]
-        want = template[None, :content_words] ^ keys[pairs[:, 0]][:, None]
-        ok = np.array_equal(got[:, :content_words], want) and bool((got[:, content_words:] == POISON).all())
-        rest = np.ones(w.shape[0], dtype=bool)
-        rest[dst] = False
-        return ok and bool((w[rest] == POISON).all())
+        rows, row_words = w.shape
+        src_of = np.full(rows, -1, dtype=np.int64)
+        src_of[pairs[:, 1]] = pairs[:, 0]
+        step = max(1, (256 << 20) // (2 * row_words))
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            chunk = w[r0:r1]
+            src = src_of[r0:r1]
+            hit = src >= 0
+            if self.cuda:
+                torch = self.torch
+                if bool((chunk[torch.from_numpy(~hit).to("cuda")] != POISON).any()):
+                    return False
+                if hit.any():
+                    rows_hit = chunk[torch.from_numpy(hit).to("cuda")]
+                    k = keys.index_select(0, torch.from_numpy(src[hit]).to("cuda"))
+                    if not torch.equal(rows_hit[:, :content_words], template[None, :content_words] ^ k[:, None]):
+                        return False
+                    if bool((rows_hit[:, content_words:] != POISON).any()):
+                        return False
+            else:
+                if (chunk[~hit] != POISON).any():
+                    return False
+                rows_hit = chunk[hit]
+                want = template[None, :content_words] ^ keys[src[hit]][:, None]
+                if not np.array_equal(rows_hit[:, :content_words], want) or (rows_hit[:, content_words:] != POISON).any():
+                    return False
+        return True
 
     def gather_table(self, src, dst, nbytes, anchor):
         if self.cuda:
@@ -401,42 +414,46 @@ class Rank:
                    for i, buf in enumerate(self.buffers))
 
     def calibrate(self, threads: int) -> dict:
-        """Fit a `CostModel` from timed READs of strided descriptors out of src rank 0."""
+        """Fit a `CostModel` from timed READs shaped like the transfer's: `count`
+        descriptors of `size` bytes, each at the start of a different (layer, block) page
+        of src rank 0, into distinct dst pages."""
         self._use_threads(threads)
-        src_addrs = self.src_info[0][1]
-        src_region = self.cfg["num_blocks"] * self.cfg["src_page_nbytes"]
-        dst_region = self.cfg["num_blocks"] * self.cfg["dst_page_nbytes"]
+        cfg = self.cfg
+        src_addrs, src_dev = self.src_info[0][1], self.src_info[0][2]
+        pages = len(self.addrs) * cfg["num_blocks"]
+        largest = min(cfg["src_page_nbytes"], cfg["dst_page_nbytes"])
         samples = []
-        for count, size in ((256, 4096), (2048, 4096), (2048, 65536), (256, 1 << 20), (64, 4 << 20)):
-            count = min(count, src_region // (2 * size), dst_region // size)
-            if count < 8:
-                continue
+        for count, size in ((512, 4096), (2048, 4096), (512, 256 << 10), (2048, 256 << 10),
+                            (256, 2 << 20), (1024, 2 << 20), (64, 16 << 20), (256, 16 << 20)):
+            count, size = min(count, pages), min(size, largest)
+            i = np.arange(count, dtype=np.int64)
+            layer, block = i % len(self.addrs), i // len(self.addrs)
             src = np.zeros((count, 3), np.uint64)
             dst = np.zeros((count, 3), np.uint64)
-            src[:, 0] = src_addrs[0] + np.arange(count, dtype=np.uint64) * np.uint64(2 * size)
-            dst[:, 0] = self.addrs[0] + np.arange(count, dtype=np.uint64) * np.uint64(size)
+            src[:, 0] = np.asarray(src_addrs, np.uint64)[layer] + (block * cfg["src_page_nbytes"]).astype(np.uint64)
+            dst[:, 0] = np.asarray(self.addrs, np.uint64)[layer] + (block * cfg["dst_page_nbytes"]).astype(np.uint64)
             src[:, 1] = dst[:, 1] = size
-            src[:, 2] = self.src_info[0][2]
-            dst[:, 2] = self.mem.dev_id
+            src[:, 2], dst[:, 2] = src_dev, self.mem.dev_id
 
             class _R:  # the shape `_prep` expects
                 src_rank, dst_descs, src_descs, n_descriptors = 0, dst, src, count
 
             item = self._prep(_R)
             times = []
-            for i in range(4):
+            for it in range(4):
                 handles: list = []
                 self.mem.sync()
                 t0 = time.perf_counter()
                 self._post([item], handles)
                 self._wait(handles, t0 + 60)
-                if i:
+                if it:
                     times.append(time.perf_counter() - t0)
             self.agent.release_dlist_handle(item[1])
             self.agent.release_dlist_handle(item[2])
             samples.append((count, count * size, float(np.median(times))))
         for b in self.buffers:  # calibration wrote over pages: restore the poison
             self.mem.poison(b)
+        self.mem.sync()
         model = fit_cost_model([s[0] for s in samples], [s[1] for s in samples], [s[2] for s in samples])
         return dict(desc_s=model.desc_s, byte_s=model.byte_s, gather_byte_s=model.gather_byte_s,
                     gather_launch_s=model.gather_launch_s, samples=samples)

@@ -24,9 +24,9 @@ def test_gather_kernel_moves_exact_bytes(align):
     src = torch.randint(0, 255, (1 << 22,), dtype=torch.uint8, device="cuda")
     dst = torch.zeros(1 << 22, dtype=torch.uint8, device="cuda")
     n = 500
-    lengths = rng.integers(1, 3000, n) * align
+    lengths = rng.integers(1, 200, n) * align  # at most 1.6 MB in all
     dst_off = np.concatenate([[0], np.cumsum(lengths)[:-1]])  # disjoint dst ranges
-    src_off = rng.integers(0, (1 << 22) - 3000 * align, n) // align * align
+    src_off = rng.integers(0, (1 << 22) - 200 * align, n) // align * align
     table = GatherTable.build(src.data_ptr() + src_off, dst.data_ptr() + dst_off, lengths, anchor=src,
                               chunk_nbytes=4096)
     assert table.word_nbytes == min(align, 4)
