@@ -167,7 +167,7 @@ def _kernel(family: str, rows: int, mamba_spec: object, config: Mapping | None) 
     spec_tokens = 0
     if family != "mamba1":  # vLLM's Mamba1 rows never include speculative tokens
         blocks = getattr(mamba_spec, "num_speculative_blocks", 0) or 0
-        if isinstance(blocks, int) and 0 < blocks < rows:
+        if isinstance(blocks, int) and 0 < blocks <= rows:
             spec_tokens = blocks
     return {"conv_kernel": rows + 1 - spec_tokens, "spec_tokens": spec_tokens}
 
