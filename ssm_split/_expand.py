@@ -438,10 +438,11 @@ def expand_plan(plan: Plan, src_regions: SrcRegions, dst_regions: RegionSet,
         PlanError: malformed arguments, a page smaller than the plan's content, a
             repeated dst block, or dst pages that overlap.
 
-    Example: Granite-4.0-H-Tiny 1 -> 2, dst rank 0, 48 layers, 64 requests: the plan has
-    2 reads per page, so 6144 reads; block-major pages without padding merge the
-    `B|C|T0` read of one layer with the `x0` read of the next only when both sides are
-    contiguous, which hetero TP never is, so 6144 descriptors remain.
+    Example: Granite-4.0-H-Tiny 1 -> 2, dst rank 0, 36 layers, 64 requests: the plan
+    has 2 reads per page (`x0` and `B|C|T0`), so 4608 reads. Even block-major pages
+    without padding keep 4608 descriptors: the dst page ends where the next layer's
+    begins, but on the src side `T1` follows `T0`, so the runs are not contiguous there.
+    With equal TP the single whole-content read per page merges across blocks and layers.
     """
     if not isinstance(plan, Plan):
         raise PlanError(f"plan must be a Plan (from plan_reads), got {type(plan).__name__}.")

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -113,6 +113,7 @@ class Endpoint:
         num_threads: UCX worker threads (NIXL's `num_threads`; 0 = NIXL's default).
         progress_delay_us: pause of NIXL's progress thread between polls; NIXL's own 0
             busy-loops a core per agent (see `_nixl.make_agent`).
+        ucx_params: extra UCX backend parameters, e.g. `{"engine_config": "TLS=tcp"}`.
 
     Raises:
         PlanError: memory does not match `regions`, mixes memory types, or pages are
@@ -122,7 +123,7 @@ class Endpoint:
 
     def __init__(self, spec: Spec, *, tp: int, rank: int, regions: RegionSet,
                  memory: Sequence[Any], name: str | None = None, num_threads: int = 0,
-                 progress_delay_us: int = 100):
+                 progress_delay_us: int = 100, ucx_params: Mapping[str, str] | None = None):
         check_is_spec(spec)
         content_nbytes = page_layout(spec, tp, rank).content_nbytes
         if not isinstance(regions, RegionSet):
@@ -146,7 +147,7 @@ class Endpoint:
         self.foreign_notifications: list[tuple[str, bytes]] = []
         try:
             self.agent = make_agent(self.name, num_threads=num_threads,
-                                    progress_delay_us=progress_delay_us)
+                                    progress_delay_us=progress_delay_us, ucx_params=ucx_params)
             self._scratch_reg = self._register([self.scratch])
         except Exception as error:  # NIXL errors derive from Exception
             raise TransferError(f"NIXL could not create agent {self.name!r} with UCX or register "

@@ -13,6 +13,7 @@ seen without waiting for the thread.
 from __future__ import annotations
 
 import threading
+from typing import Mapping
 
 from ._nixl_hint import INSTALL_HINT
 
@@ -37,9 +38,11 @@ def _config_class(progress_delay_us: int):
     return _Config
 
 
-def make_agent(name: str, *, num_threads: int = 0, progress_delay_us: int = 100):
+def make_agent(name: str, *, num_threads: int = 0, progress_delay_us: int = 100,
+               ucx_params: Mapping[str, str] | None = None):
     """A NIXL agent with a UCX backend and a progress thread polling every
-    `progress_delay_us` microseconds (0: NIXL's busy loop).
+    `progress_delay_us` microseconds (0: NIXL's busy loop). `ucx_params` are extra UCX
+    backend parameters, e.g. `{"engine_config": "TLS=tcp"}` or `{"num_workers": "2"}`.
 
     Raises:
         Exception: NIXL's own errors (they derive from Exception) if UCX cannot start.
@@ -53,5 +56,8 @@ def make_agent(name: str, *, num_threads: int = 0, progress_delay_us: int = 100)
             agent = nixl_agent(name, config)
         finally:
             _api.nixlBind.nixlAgentConfig = original
-    agent.create_backend("UCX", {"num_threads": str(num_threads)} if num_threads else {})
+    params = dict(ucx_params or {})
+    if num_threads:
+        params["num_threads"] = str(num_threads)
+    agent.create_backend("UCX", params)
     return agent

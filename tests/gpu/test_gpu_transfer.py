@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -45,7 +44,7 @@ pytest.importorskip("nixl")
 from ssm_split import GDNSpec, Mamba2Spec, model, plan_all  # noqa: E402
 from ssm_split.nixl_backend import Endpoint, Reader  # noqa: E402
 from tests.nixl._cluster import Case, expected_by_reads, random_src_memory  # noqa: E402
-from tests.nixl._peer import serve_src  # noqa: E402
+from tests.nixl._peer import SrcEngine  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.nixl]
 RESULTS: list[dict] = []
@@ -73,41 +72,7 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-# --- processes ----------------------------------------------------------------------------
-
-class SrcEngine:
-    """A src engine (every src rank of a case) in a spawned process."""
-
-    def __init__(self, case: Case, fill: str):
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=serve_src, args=(case, child, DEVICE, fill), daemon=True)
-        self.proc.start()
-        child.close()
-        self.addresses = self.ask(None, "ready", timeout_s=300)
-
-    def ask(self, command, expect: str, timeout_s: float = 60):
-        if command is not None:
-            self.conn.send(command)
-        if not self.conn.poll(timeout_s):
-            raise AssertionError(f"the src process did not answer {command!r}")
-        kind, payload = self.conn.recv()
-        if kind == "error":
-            raise AssertionError(f"the src process failed:\n{payload}")
-        assert kind == expect
-        return payload
-
-    def __enter__(self) -> "SrcEngine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.proc.is_alive():
-            self.conn.send(("stop",))
-        self.proc.join(timeout=30)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
-
+# --- dst ranks in this process ----------------------------------------------------------
 
 def dst_ranks(case: Case, engine: SrcEngine):
     """Every dst rank's (endpoint, reader, memory), connected and warmed up."""
@@ -156,7 +121,7 @@ CASES = {
 def test_vram_transfer_matches_the_reference(name):
     case = CASES[name]
     plans = plan_all(case.spec, case.src_tp, case.dst_tp)
-    with SrcEngine(case, "reference") as engine:
+    with SrcEngine(case, DEVICE, "reference", start_timeout_s=300) as engine:
         sides = dst_ranks(case, engine)
         try:
             _, stats = read_all(sides, case.pairs_array, f"{name}-batch")
@@ -227,7 +192,7 @@ def _record(entry: dict) -> None:
 @pytest.mark.parametrize("name, src_tp, dst_tp, layers, layout", THROUGHPUT)
 def test_vram_throughput(name, src_tp, dst_tp, layers, layout):
     case = _throughput_case(name, src_tp, dst_tp, layers, layout)
-    with SrcEngine(case, "random") as engine:
+    with SrcEngine(case, DEVICE, "random", start_timeout_s=300) as engine:
         sides = dst_ranks(case, engine)
         try:
             read_all(sides, case.pairs_array, "first")  # untimed: first-touch and set-up

@@ -14,6 +14,7 @@ the process boundary.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import traceback
 
@@ -27,10 +28,10 @@ def _on_device(memory, device: str):
     return tensor, int(tensor.data_ptr())
 
 
-def serve_src(case, conn, device: str = "cpu", fill: str = "reference") -> None:
+def serve_src(case, conn, device: str = "cpu", fill: str = "reference", ucx_params=None) -> None:
     """Serve every src rank of `case`. `device`: "cpu" (numpy DRAM) or "cuda" (VRAM
     tensors); `fill`: "reference" (`case.src_memory`) or "random"
-    (`_cluster.random_src_memory`)."""
+    (`_cluster.random_src_memory`); `ucx_params`: passed to every `Endpoint`."""
     os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
     if device != "cpu":
         os.environ.setdefault("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")
@@ -44,7 +45,7 @@ def serve_src(case, conn, device: str = "cpu", fill: str = "reference") -> None:
             host = case.src_memory(rank) if fill == "reference" else random_src_memory(case, rank)
             memories.append(_on_device(host, device))  # CUDA context before any agent
         endpoints = [Endpoint(case.spec, tp=case.src_tp, rank=r, memory=[m],
-                              regions=case.regions("src", addr))
+                              regions=case.regions("src", addr), ucx_params=ucx_params)
                      for r, (m, addr) in enumerate(memories)]
         conn.send(("ready", [e.serve("127.0.0.1", 0) for e in endpoints]))
         while True:
@@ -68,3 +69,50 @@ def serve_src(case, conn, device: str = "cpu", fill: str = "reference") -> None:
         raise
     finally:
         conn.close()
+
+
+class SrcEngine:
+    """The test side of `serve_src`: starts the process, talks to it, stops it.
+
+    Args: as `serve_src` (`case`, `device`, `fill`, `ucx_params`); `start_timeout_s` bounds start-up
+    (building pages of large cases takes a while).
+    """
+
+    def __init__(self, case, device: str = "cpu", fill: str = "reference",
+                 start_timeout_s: float = 120, ucx_params=None):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=serve_src, args=(case, child, device, fill, ucx_params),
+                                daemon=True)
+        self.proc.start()
+        child.close()
+        self.addresses = self.ask(None, "ready", timeout_s=start_timeout_s)
+
+    def ask(self, command, expect: str, timeout_s: float = 60):
+        """Send `command` (unless None) and return the payload of the `expect` answer."""
+        if command is not None:
+            self.conn.send(command)
+        if not self.conn.poll(timeout_s):
+            raise AssertionError(f"the src process did not answer {command!r}")
+        kind, payload = self.conn.recv()
+        if kind == "error":
+            raise AssertionError(f"the src process failed:\n{payload}")
+        assert kind == expect, (kind, expect)
+        return payload
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.conn.send(("stop",))
+            except OSError:
+                pass
+        self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+
+    def __enter__(self) -> "SrcEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -4,56 +4,25 @@ through its side channel's TCP address only; the dst ranks run in the test proce
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing as mp
+import os
+import signal
 
 import numpy as np
 import pytest
 
 pytest.importorskip("nixl")
 
-from ssm_split import GDNSpec, HandshakeError, TransferError, plan_all  # noqa: E402
+from ssm_split import GDNSpec, HandshakeError, Mamba2Spec, TransferError, plan_all  # noqa: E402
 from ssm_split.nixl_backend import Endpoint, Reader  # noqa: E402
 
 from ._cluster import Case, first_difference  # noqa: E402
-from ._peer import serve_src  # noqa: E402
+from ._peer import SrcEngine  # noqa: E402
 
 pytestmark = pytest.mark.nixl
 
 # 2 key heads: replicated on 4 dst ranks; float32 temporal state
 SRC = Case(GDNSpec(num_k_heads=2, num_v_heads=4, head_k_dim=4, head_v_dim=2, ssm_dtype="float32"),
            src_tp=2, dst_tp=1, num_blocks=10, pairs=((9, 1), (2, 8), (5, 3), (0, 4), (6, 5)))
-
-
-class SrcEngine:
-    def __init__(self, case: Case):
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=serve_src, args=(case, child), daemon=True)
-        self.proc.start()
-        child.close()
-        self.addresses = self.ask(None, "ready", timeout_s=60)
-
-    def ask(self, command, expect: str, timeout_s: float = 30):
-        if command is not None:
-            self.conn.send(command)
-        if not self.conn.poll(timeout_s):
-            raise AssertionError(f"src process did not answer {command!r}")
-        kind, payload = self.conn.recv()
-        if kind == "error":
-            raise AssertionError(f"src process failed:\n{payload}")
-        assert kind == expect
-        return payload
-
-    def stop(self) -> None:
-        if self.proc.is_alive():
-            try:
-                self.conn.send(("stop",))
-            except OSError:
-                pass
-        self.proc.join(timeout=10)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +32,10 @@ def src_engine():
     engine.stop()
 
 
-def dst_side(case: Case, rank: int):
+def dst_side(case: Case, rank: int, **options):
     memory = case.dst_memory()
     endpoint = Endpoint(case.spec, tp=case.dst_tp, rank=rank, memory=[memory],
-                        regions=case.regions("dst", memory.ctypes.data))
+                        regions=case.regions("dst", memory.ctypes.data), **options)
     return endpoint, Reader(endpoint), memory
 
 
@@ -132,3 +101,29 @@ def test_a_dead_src_process_is_a_transfer_error_not_a_success():
         engine.stop()
         reader.close()
         endpoint.close()
+
+
+def test_a_src_that_never_answers_misses_the_deadline_and_the_reader_recovers():
+    # over UCX's tcp transport a READ needs the src process to answer; a stopped process
+    # never does (the default cma transport would read its memory without it)
+    tcp = {"engine_config": "TLS=tcp"}
+    case = Case(Mamba2Spec(num_heads=16, head_dim=16, n_groups=1, state_size=16,
+                           ssm_dtype="float32"), 1, 1)
+    with SrcEngine(case, ucx_params=tcp) as engine:
+        endpoint, reader, memory = dst_side(case, 0, ucx_params=tcp)
+        try:
+            reader.connect_to(*engine.addresses[0])
+            reader.warm_up()
+            os.kill(engine.proc.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(TransferError, match="did not complete before the deadline") as info:
+                    reader.read(case.pairs_array, "stuck", timeout_s=1.0)
+                assert info.value.peer == reader.peers[0].agent_name
+            finally:
+                os.kill(engine.proc.pid, signal.SIGCONT)
+            memory[:] = case.dst_memory()
+            reader.read(case.pairs_array, "retry", timeout_s=20)
+            assert np.array_equal(memory, case.expected_dst(0))
+        finally:
+            reader.close()
+            endpoint.close()
