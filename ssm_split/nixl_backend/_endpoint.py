@@ -14,6 +14,10 @@ knows when it may free those blocks. A dst (decode) endpoint is handed to a `Rea
 `memory[i]` is the array or tensor backing `regions.buffers[i]` (same address, size and
 device): numpy arrays and CPU tensors are registered as DRAM, CUDA tensors as VRAM. The
 endpoint keeps references to them; the caller keeps them alive and unmoved until `close`.
+
+Use an endpoint (and its readers) from one thread: NIXL agents without a listener thread
+are not thread-safe. The side channel's own thread only serves bytes snapshotted by the
+owning thread at each (de)registration.
 """
 
 from __future__ import annotations
@@ -159,38 +163,49 @@ class Endpoint:
 
     def _register(self, buffers: Sequence[Buffer]):
         table = np.array([[b.addr, b.nbytes, b.device_id] for b in buffers], dtype=np.uint64)
-        descs = self.agent.get_reg_descs(table, self.mem_type)
-        if descs is None:
-            raise TransferError(f"NIXL rejected the registration list of {self.name!r}.")
-        self.agent.register_memory(descs)
+        try:
+            descs = self.agent.get_reg_descs(table, self.mem_type)
+            if descs is None:  # NIXL logs the reason and returns None
+                raise TransferError(f"NIXL rejected the registration list of {self.name!r}.")
+            self.agent.register_memory(descs)
+        except TransferError:
+            raise
+        except Exception as error:  # NIXL errors derive from Exception
+            raise TransferError(f"NIXL could not register memory of {self.name!r}: "
+                                f"{type(error).__name__}: {error}") from error
         return descs
 
     def register(self) -> None:
-        """Register the pages with NIXL (done by the constructor) and bump `generation`.
-        Take a new `handshake()` afterwards: metadata is a snapshot."""
-        if self._pages_reg is not None:
-            return
-        try:
+        """Register the pages with NIXL (done by the constructor), bump `generation` and
+        take a new metadata snapshot for `handshake()`."""
+        if self._pages_reg is None:
             self._pages_reg = self._register(self.regions.buffers)
-        except TransferError:
-            raise
-        except Exception as error:
-            raise TransferError(f"NIXL could not register the pages of {self.name!r}: "
-                                f"{type(error).__name__}: {error}") from error
-        self._bump_generation()
+            self._bump_generation()
 
     def deregister(self) -> None:
         """Deregister the pages and bump `generation`, so handshakes taken before are stale
         (readers checking the scratch see it). NIXL itself does not tell readers."""
         if self._pages_reg is None:
             return
-        self.agent.deregister_memory(self._pages_reg)
+        try:
+            self.agent.deregister_memory(self._pages_reg)
+        except Exception as error:
+            raise TransferError(f"NIXL could not deregister the pages of {self.name!r}: "
+                                f"{type(error).__name__}: {error}") from error
         self._pages_reg = None
         self._bump_generation()
 
     def _bump_generation(self) -> None:
         self.generation += 1
         _write_bytes(self._scratch, 0, SCRATCH_MAGIC + self.generation.to_bytes(8, "little"))
+        # Snapshot here, on the caller's thread: the side channel's thread then serves
+        # these bytes and never calls into the agent (NIXL agents are not thread-safe
+        # without a listener thread).
+        self._handshake = Handshake(
+            spec=self.spec, tp=self.tp, rank=self.rank, agent_name=self.name,
+            mem_type=self.mem_type, regions=self.regions, scratch=self.scratch,
+            agent_metadata=self.agent.get_agent_metadata(), generation=self.generation)
+        self._handshake_bytes = self._handshake.encode()
 
     @property
     def registered(self) -> bool:
@@ -199,15 +214,14 @@ class Endpoint:
     # --- handshake ----------------------------------------------------------------------
 
     def handshake(self) -> Handshake:
-        """This endpoint's handshake, with a fresh snapshot of its NIXL metadata."""
-        return Handshake(spec=self.spec, tp=self.tp, rank=self.rank, agent_name=self.name,
-                         mem_type=self.mem_type, regions=self.regions, scratch=self.scratch,
-                         agent_metadata=self.agent.get_agent_metadata(), generation=self.generation)
+        """This endpoint's handshake, with the NIXL metadata snapshot taken at the last
+        (de)registration."""
+        return self._handshake
 
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Serve the handshake over the side channel; returns the bound `(host, port)`."""
         if self._server is None:
-            self._server = SideChannelServer(lambda: self.handshake().encode(), host, port)
+            self._server = SideChannelServer(lambda: self._handshake_bytes, host, port)
         return self._server.address
 
     @property

@@ -180,12 +180,12 @@ class PendingRead:
         self._error = TransferError("The read was cancelled.", request=self.request)
 
 
-def _request_ids(request_ids: object, n_pairs: int) -> tuple[str, ...]:
+def _request_ids(request_ids: object, n_pairs: int | None) -> tuple[str, ...]:
     if isinstance(request_ids, str):
         ids: tuple = (request_ids,)
     else:
         ids = tuple(request_ids)  # type: ignore[arg-type]
-        if len(ids) != n_pairs:
+        if n_pairs is not None and len(ids) != n_pairs:
             raise PlanError(f"Got {len(ids)} request ids for {n_pairs} block pairs: pass one id "
                             f"per pair, or a single str for the whole batch.")
     if not ids or not all(isinstance(i, str) and i for i in ids):
@@ -335,11 +335,11 @@ class Reader:
         return self.start_read(block_pairs, request_ids, layers=layers, timeout_s=timeout_s).wait()
 
     def submit(self, descriptors: Mapping[int, tuple[np.ndarray, np.ndarray]],
-               request_ids: Sequence[str], *, timeout_s: float = 30.0) -> PendingRead:
+               request_ids: str | Sequence[str], *, timeout_s: float = 30.0) -> PendingRead:
         """Post arbitrary `{src_rank: (dst_descs, src_descs)}` `(M, 3)` uint64 arrays, one
         READ per rank, with the usual notification; for strategies other than
         `expand_plan` (benchmarks)."""
-        ids = _request_ids(tuple(request_ids), len(tuple(request_ids)))
+        ids = _request_ids(request_ids, None)
         total = sum(int(d[:, 1].sum()) for d, _ in descriptors.values())
         n = sum(len(d) for d, _ in descriptors.values())
         return self._start(dict(descriptors), ids, timeout_s, encode_notification(ids), (n, n, total))
