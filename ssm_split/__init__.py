@@ -17,6 +17,7 @@ from ._errors import PlanError as PlanError
 from ._errors import ShardingError as ShardingError
 from ._errors import SpecError as SpecError
 from ._errors import SpecMismatchError as SpecMismatchError
+from ._errors import StateError as StateError
 from ._errors import SsmSplitError as SsmSplitError
 from ._errors import TransferError as TransferError
 from ._expand import Buffer as Buffer

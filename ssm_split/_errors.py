@@ -14,6 +14,7 @@ __all__ = [
     "SpecMismatchError",
     "PlanError",
     "BlockRangeError",
+    "StateError",
     "HandshakeError",
     "TransferError",
 ]
@@ -41,6 +42,11 @@ class PlanError(SsmSplitError, ValueError):
 
 class BlockRangeError(PlanError):
     """A block id or layer index lies outside the memory a side registered."""
+
+
+class StateError(SsmSplitError, ValueError):
+    """A state or a list of pages does not fit its spec: wrong part names, shapes or
+    dtypes, the wrong number of pages, pages too short, or replicas that disagree."""
 
 
 class HandshakeError(SsmSplitError, ValueError):

@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ._errors import PlanError, ShardingError, SsmSplitError
+from ._errors import PlanError, ShardingError, StateError
 from ._plan import Plan
 from ._spec import (
     GDNSpec,
@@ -58,10 +58,6 @@ __all__ = [
 
 _ELEMENT_DTYPES = {"float32": np.dtype("<u4"), "bfloat16": np.dtype("<u2"), "float16": np.dtype("<u2")}
 
-
-class StateError(SsmSplitError, ValueError):
-    """A state or a list of pages does not fit its spec: wrong part names, shapes or
-    dtypes, the wrong number of pages, pages too short, or replicas that disagree."""
 
 
 def element_dtype(dtype_name: str) -> np.dtype:
