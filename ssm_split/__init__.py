@@ -13,10 +13,12 @@ to check them.
 
 from ._errors import BlockRangeError as BlockRangeError
 from ._errors import HandshakeError as HandshakeError
+from ._errors import IntegrityError as IntegrityError
 from ._errors import PlanError as PlanError
 from ._errors import ShardingError as ShardingError
 from ._errors import SpecError as SpecError
 from ._errors import SpecMismatchError as SpecMismatchError
+from ._errors import StaleHandshakeError as StaleHandshakeError
 from ._errors import StateError as StateError
 from ._errors import SsmSplitError as SsmSplitError
 from ._errors import TransferError as TransferError
@@ -27,6 +29,7 @@ from ._expand import RankDescriptors as RankDescriptors
 from ._expand import RegionSet as RegionSet
 from ._expand import expand_plan as expand_plan
 from ._hf_config import from_hf_config as from_hf_config
+from ._integrity import Corruption as Corruption
 from ._layout import PageLayout as PageLayout
 from ._layout import Segment as Segment
 from ._layout import UnitRange as UnitRange

@@ -17,6 +17,8 @@ __all__ = [
     "StateError",
     "HandshakeError",
     "TransferError",
+    "StaleHandshakeError",
+    "IntegrityError",
 ]
 
 
@@ -71,3 +73,23 @@ class TransferError(SsmSplitError, RuntimeError):
         super().__init__(prefix + message)
         self.request = request
         self.peer = peer
+
+
+class StaleHandshakeError(TransferError):
+    """The src deregistered or re-registered its pages after the handshake the reader
+    holds, so the bytes read may come from freed or re-used memory: they are not valid.
+    Fetch a new handshake (`Reader.connect_to`) and read again."""
+
+
+class IntegrityError(TransferError):
+    """Bytes arrived that differ from the src's digest of them (integrity mode).
+
+    Attributes:
+        corruptions: the first corrupted bytes found (`ssm_split.Corruption`), each with
+            its request, layer, segment and offset.
+    """
+
+    def __init__(self, message: str, *, request: str | None = None, peer: str | None = None,
+                 corruptions: tuple = ()):
+        super().__init__(message, request=request, peer=peer)
+        self.corruptions = tuple(corruptions)
