@@ -12,16 +12,56 @@ seen without waiting for the thread.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import re
+import sys
 import threading
+from pathlib import Path
 from typing import Mapping
 
 from ._nixl_hint import INSTALL_HINT
 
+_CUDA_LINE = re.compile(r"^(cuda|hip)\s*(?::[^=\n]*)?=\s*(.+?)\s*$", re.MULTILINE)
+
+
+def torch_build_is_cpu_only(version_py_text: str) -> bool:
+    """True when torch's `version.py` text says it was built without CUDA and ROCm."""
+    found = dict((m.group(1), m.group(2)) for m in _CUDA_LINE.finditer(version_py_text))
+    return found.get("cuda") == "None" and found.get("hip", "None") == "None"
+
+
+def _installed_torch_is_cpu_only() -> bool:
+    if "torch" in sys.modules:
+        return False
+    try:
+        spec = importlib.util.find_spec("torch")
+        text = Path(spec.origin).with_name("version.py").read_text() if spec and spec.origin else ""
+    except (ImportError, ValueError, OSError):
+        return False
+    return torch_build_is_cpu_only(text)
+
+
+def _import_api():
+    """NIXL's `_api` module. The `nixl` meta package picks its CUDA variant from torch,
+    and with a CPU-only torch it imports all of torch to find out (seconds, in every
+    process); then any installed variant will do, so import one directly."""
+    if _installed_torch_is_cpu_only():
+        for name in ("nixl_cu13", "nixl_cu12"):
+            try:
+                found = importlib.util.find_spec(name) is not None
+            except (ImportError, ValueError):
+                found = False
+            if found:
+                return importlib.import_module(f"{name}._api")
+    return importlib.import_module("nixl._api")
+
+
 try:
-    import nixl._api as _api
-    from nixl._api import nixl_agent, nixl_agent_config
+    _api = _import_api()
 except ImportError as error:  # pragma: no cover - exercised only without nixl
     raise ImportError(f"{INSTALL_HINT} (import failed: {error})") from error
+nixl_agent, nixl_agent_config = _api.nixl_agent, _api.nixl_agent_config
 
 __all__ = ["nixl_agent", "nixl_agent_config", "make_agent", "INSTALL_HINT"]
 
