@@ -112,9 +112,10 @@ class Handshake:
         _check_int("generation", self.generation, 1)
         if self.rank >= self.tp:
             raise HandshakeError(f"Handshake rank {self.rank} is not below its tp {self.tp}.")
-        if not isinstance(self.agent_name, str) or not 0 < len(self.agent_name) <= _MAX_NAME:
+        if (not isinstance(self.agent_name, str) or not 0 < len(self.agent_name) <= _MAX_NAME
+                or not self.agent_name.isprintable() or not _utf8(self.agent_name)):
             raise HandshakeError(f"Handshake agent_name must be a str of 1..{_MAX_NAME} "
-                                 f"characters, got {self.agent_name!r}.")
+                                 f"printable UTF-8 characters, got {self.agent_name!r}.")
         if self.mem_type not in MEM_TYPES:
             raise HandshakeError(f"Handshake mem_type must be one of {MEM_TYPES}, got "
                                  f"{self.mem_type!r}.")
@@ -149,6 +150,23 @@ class Handshake:
         envelope = {"format": HANDSHAKE_FORMAT, "version": HANDSHAKE_VERSION,
                     "sha256": hashlib.sha256(_canonical(body)).hexdigest(), "body": body}
         return _canonical(envelope)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from "\\ud800" escapes
+        return False
+    return True
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        raise HandshakeError(f"Handshake JSON repeats the keys {repeated}: parsers disagree on "
+                             f"which value wins, so it is refused.")
+    return dict(pairs)
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -233,14 +251,16 @@ def decode_handshake(data: object) -> Handshake:
         raise HandshakeError(f"Handshake of {len(data)} bytes exceeds the limit of "
                              f"{MAX_HANDSHAKE_NBYTES} bytes.")
     try:
-        envelope = json.loads(bytes(data).decode("utf-8"))
+        envelope = json.loads(bytes(data).decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except HandshakeError:
+        raise
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
         raise HandshakeError(f"Handshake is not UTF-8 JSON ({type(error).__name__}); was it "
                              f"truncated, or is the peer not an ssm_split endpoint?") from None
     if not isinstance(envelope, dict) or envelope.get("format") != HANDSHAKE_FORMAT:
         raise HandshakeError(f"Not an ssm_split handshake: `format` must be {HANDSHAKE_FORMAT!r}.")
     version = envelope.get("version")
-    if version != HANDSHAKE_VERSION:
+    if type(version) is not int or version != HANDSHAKE_VERSION:  # not True, not 1.0
         raise HandshakeError(f"Handshake version {version!r} is not supported: this ssm_split "
                              f"reads version {HANDSHAKE_VERSION}. Run the same ssm_split "
                              f"version on both engines.")
