@@ -87,9 +87,10 @@ class _Memory:
             self.torch.cuda.synchronize()
 
     def fill(self, buf, template, keys) -> None:
-        """`buf[b] = template ^ keys[b]` (16-bit words)."""
+        """`buf[b] = template ^ keys[b]` (16-bit words), one block at a time (no big temporaries)."""
         w = self.words(buf)
-        w[:] = template[None, :] ^ keys[:, None]
+        for b in range(w.shape[0]):
+            w[b] = template ^ keys[b]
 
     def poison(self, buf) -> None:
         self.words(buf)[:] = POISON if not self.cuda else POISON
@@ -242,6 +243,8 @@ class Rank:
             else:
                 self.mem.poison(buf)
         self.mem.sync()
+        if self.mem.cuda:
+            self.mem.torch.cuda.empty_cache()
         self.addrs = [self.mem.addr(b) for b in self.buffers]
         if self.role == "src":
             self.agent = self._make_agent(0)

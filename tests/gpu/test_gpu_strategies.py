@@ -48,7 +48,7 @@ def test_every_strategy_verifies_on_vram(layout, tps, monkeypatch):
     parser = argparse.ArgumentParser()
     _bench.add_arguments(parser)
     args = parser.parse_args(f"--model qwen3.5-0.8b --layers 3 --src-tp {tps[0]} --dst-tp {tps[1]} --batch 4 "
-                             f"--blocks 8 --layout {layout} --repeats 1 --warmup 0 --staging-mib 1".split())
+                             f"--blocks 8 --layout {layout} --repeats 1 --warmup 0 --staging-mib 64".split())
     records = _bench.run_config(args)
     assert {r["strategy"].split("@")[0] for r in records} >= {"copy-limit", "ssm_split", "staged"}
     assert all(r["verified"] for r in records)
