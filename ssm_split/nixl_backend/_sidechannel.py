@@ -10,6 +10,11 @@ Protocol, one exchange per connection::
     reader -> src : b"SSMSPLIT HANDSHAKE 1\\n"
     src -> reader : 8-byte big-endian length, then that many bytes of handshake
 
+Other 21-byte request lines go to the `handlers` the server was given (integrity mode
+adds `b"SSMSPLIT INTEGRITY 1\\n"`, see `_integrity.py`); anything else is closed
+without an answer. Each connection is served on its own thread, so a reader that
+connects and stays silent delays nobody else.
+
 Nothing is shared between processes but these bytes.
 """
 
@@ -18,7 +23,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-from typing import Callable
+from typing import Callable, Mapping
 
 from .._errors import HandshakeError, TransferError
 from ._handshake import MAX_HANDSHAKE_NBYTES
@@ -38,10 +43,14 @@ class SideChannelServer:
         host: address to bind (`"127.0.0.1"` for one machine, `"0.0.0.0"` for all
             interfaces).
         port: TCP port; 0 picks a free one (see `address`).
+        handlers: other request lines (`len(REQUEST)` bytes each) and the function that
+            answers them, called with the connected socket (after the request line).
     """
 
-    def __init__(self, provider: Callable[[], bytes], host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, provider: Callable[[], bytes], host: str = "127.0.0.1", port: int = 0,
+                 handlers: Mapping[bytes, Callable[[socket.socket], None]] | None = None):
         self._provider = provider
+        self._handlers = dict(handlers or {})
         self._closed = threading.Event()
         self._sock = socket.create_server((host, port), backlog=64)
         self._sock.settimeout(0.1)
@@ -58,16 +67,21 @@ class SideChannelServer:
                 continue
             except OSError:
                 return  # closed
-            with conn:
-                try:
-                    conn.settimeout(5.0)
-                    request = _recv_exact(conn, len(REQUEST))
-                    if request != REQUEST:
-                        continue
+            threading.Thread(target=self._answer, args=(conn,), daemon=True,
+                             name=f"ssm-split-sidechannel-{self.address[1]}-conn").start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(5.0)
+                request = _recv_exact(conn, len(REQUEST))
+                if request == REQUEST:
                     payload = self._provider()
                     conn.sendall(_LENGTH.pack(len(payload)) + payload)
-                except (OSError, ConnectionError, EOFError):
-                    continue
+                elif request in self._handlers:
+                    self._handlers[request](conn)
+            except (OSError, ConnectionError, EOFError):
+                pass
 
     def close(self) -> None:
         """Stop serving; idempotent."""
