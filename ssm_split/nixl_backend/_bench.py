@@ -40,7 +40,7 @@ def add_arguments(p) -> None:
     p.add_argument("--blocks", type=int, default=None, help="blocks per region (default 2 x largest batch)")
     p.add_argument("--layout", choices=("per-layer", "stacked"), default="per-layer")
     p.add_argument("--strategies", default=None,
-                   help="comma list of baseline, ssm_split, staged (default: all that apply)")
+                   help="comma list of baseline, ssm_split, staged, packed (default: all but packed)")
     p.add_argument("--threads", default="4", help="UCX num_threads for ssm_split strategies (comma list)")
     p.add_argument("--baseline-threads", default="4", help="UCX num_threads for the baseline (comma list)")
     p.add_argument("--staging-mib", type=int, default=1024, help="staging buffer bound per dst rank")
@@ -81,7 +81,8 @@ def build_config(args) -> dict:
                 num_blocks=args.blocks or 2 * max(batches), runs=runs,
                 src_page_nbytes=_align(src_content), dst_page_nbytes=_align(max(dst_contents)),
                 per_batch_nbytes=sum(dst_contents) * (1 if stacked else layers),
-                staging_nbytes=(args.staging_mib << 20) if "staged" in strategies else 0)
+                staging_nbytes=(args.staging_mib << 20) if {"staged", "packed"} & set(strategies) else 0,
+                pack_nbytes=(args.staging_mib << 20) if "packed" in strategies else 0)
 
 
 def _call(pipe, command, **args):
@@ -157,6 +158,10 @@ def run_config(args) -> list[dict]:
                                read_nbytes=nbytes, gathered_nbytes=0, staging_nbytes=0), nbytes,
                                {"serial": copy_limit, "concurrent": copy_limit}, copy_limit, True, model))
             for name, threads in cfg["runs"]:
+                if name == "packed":
+                    records.append(_run_packed(cfg, versions, batch, threads, pairs, nbytes, copy_limit,
+                                               src_pipes, dst_pipes, args))
+                    continue
                 fit = {k: model[k] for k in ("desc_s", "byte_s", "gather_byte_s", "gather_launch_s")} if model else None
                 stats = [_call(p, "prepare", name=name, threads=threads, pairs=pairs, model=fit,
                                staging_cap=cfg["staging_nbytes"]) for p in dst_pipes]
@@ -180,6 +185,53 @@ def run_config(args) -> list[dict]:
             proc.join(30)
             if proc.is_alive():
                 proc.kill()
+
+
+def _wave_pairs(cfg: dict) -> int:
+    """Requests per wave so that every src pack buffer and dst staging buffer holds a wave."""
+    from .._staging import pack_plan
+    from ._bench_rank import _plan_for
+
+    n_layers = 1 if cfg["layout"] == "stacked" else cfg["layers"]
+    plans = [pack_plan(_plan_for("ssm_split", cfg, r, None)) for r in range(cfg["dst_tp"])]
+    per_dst = max(sum(p.slot_nbytes) for p in plans)
+    per_src = max(sum(p.slot_nbytes[s] for p in plans) for s in range(cfg["src_tp"]))
+    wave = cfg["staging_nbytes"] // (n_layers * max(per_dst, per_src))
+    if wave < 1:
+        raise ValueError("--staging-mib is too small to pack one request; raise it")
+    return wave
+
+
+def _run_packed(cfg, versions, batch, threads, pairs, nbytes, copy_limit, src_pipes, dst_pipes, args) -> dict:
+    """Packed strategy, serial: per wave, every src rank packs, then every dst rank fetches
+    and scatters; the time is the sum of all those steps."""
+    wave_pairs = _wave_pairs(cfg)
+    waves = [_call(p, "pack_prepare", pairs=pairs, wave_pairs=wave_pairs) for p in src_pipes][0]
+    stats = [_call(p, "prepare_packed", threads=threads, pairs=pairs, wave_pairs=wave_pairs) for p in dst_pipes]
+
+    def once() -> float:
+        total = 0.0
+        for w in range(waves):
+            for pipe in src_pipes:
+                t0, t1 = _call(pipe, "pack_run", wave=w)
+                total += t1 - t0
+            for pipe in dst_pipes:
+                t0, t1 = _call(pipe, "run_wave", wave=w)
+                total += t1 - t0
+        return total
+
+    for p in dst_pipes:
+        _call(p, "poison")
+    once()
+    ok = all(_call(p, "check") for p in dst_pipes)
+    times = {}
+    if ok:
+        samples = [once() for _ in range(args.warmup + args.repeats)][args.warmup:]
+        times = {"serial": statistics.median(samples), "serial_samples": samples}
+    total = {k: sum(s[k] for s in stats) for k in ("descriptors", "requests", "read_nbytes", "gathered_nbytes")}
+    total["staging_nbytes"] = max(s["staging_nbytes"] for s in stats)
+    total["waves"] = waves
+    return _record(cfg, versions, batch, "packed", threads, total, nbytes, times, copy_limit, ok, None)
 
 
 def _time(pipes, args) -> dict:

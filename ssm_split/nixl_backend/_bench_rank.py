@@ -24,7 +24,7 @@ from .._cost import CostModel, baseline_plan, fit_cost_model
 from .._expand import RegionSet, expand_plan
 from .._plan import plan_reads
 from .._stacked import stack_layers, stack_pages, stacked_plan
-from .._staging import stage_plan
+from .._staging import pack_plan, stage_plan
 
 POISON = 0x5A5A
 
@@ -248,8 +248,11 @@ class Rank:
         self.addrs = [self.mem.addr(b) for b in self.buffers]
         if self.role == "src":
             self.agent = self._make_agent(0)
-            self._register(self.buffers)
-            return self.agent.get_agent_metadata(), self.addrs, self.mem.dev_id
+            pack = cfg.get("pack_nbytes", 0)
+            self.pack = self.mem.zeros(1, pack).reshape(-1) if pack else None
+            self._register(self.buffers + ([self.pack] if pack else []))
+            return (self.agent.get_agent_metadata(), self.addrs, self.mem.dev_id,
+                    self.mem.addr(self.pack) if pack else 0)
         self.src_info = src_info
         return True
 
@@ -274,7 +277,7 @@ class Rank:
         self.agent = self._make_agent(threads)
         self.threads = threads
         self._register(self.buffers + ([self.staging] if self.staging is not None else []))
-        self.remotes = {r: self.agent.add_remote_agent(md) for r, (md, _, _) in enumerate(self.src_info)}
+        self.remotes = {r: self.agent.add_remote_agent(info[0]) for r, info in enumerate(self.src_info)}
 
     def ensure_staging(self, nbytes: int) -> None:
         """Allocate the staging buffer once (before any agent registers memory)."""
@@ -284,7 +287,7 @@ class Rank:
     # --- strategies ------------------------------------------------------------------
     def _src_regions(self):
         cfg = self.cfg
-        return [_regions(addrs, cfg["num_blocks"], cfg["src_page_nbytes"], dev) for _, addrs, dev in self.src_info]
+        return [_regions(info[1], cfg["num_blocks"], cfg["src_page_nbytes"], info[2]) for info in self.src_info]
 
     def _dst_regions(self):
         return _regions(self.addrs, self.cfg["num_blocks"], self.cfg["dst_page_nbytes"], self.mem.dev_id)
@@ -461,6 +464,109 @@ class Rank:
         return dict(desc_s=model.desc_s, byte_s=model.byte_s, gather_byte_s=model.gather_byte_s,
                     gather_launch_s=model.gather_launch_s, samples=samples)
 
+    # --- packed: the src gathers, the dst fetches one range per src rank, then scatters --
+    def _packed(self, dst_rank: int):
+        return pack_plan(_plan_for("ssm_split", self.cfg, dst_rank, None))
+
+    def _layers(self) -> int:
+        return 1 if self.cfg["layout"] == "stacked" else self.cfg["layers"]
+
+    def pack_prepare(self, pairs: np.ndarray, wave_pairs: int) -> int:
+        """Src side: one gather table per wave, packing what every dst rank needs."""
+        cfg, n_layers = self.cfg, self._layers()
+        mine = {self.rank: _regions(self.addrs, cfg["num_blocks"], cfg["src_page_nbytes"], self.mem.dev_id)}
+        plans = [self._packed(r) for r in range(cfg["dst_tp"])]
+        self.pack_tables = []
+        for start in range(0, len(pairs), wave_pairs):
+            chunk = pairs[start:start + wave_pairs]
+            at, src_cols, dst_cols, len_cols = self.mem.addr(self.pack), [], [], []
+            for packed in plans:
+                slot = packed.slot_nbytes[self.rank]
+                if not slot:
+                    continue
+                region = RegionSet.packed(at, num_layers=n_layers, num_blocks=len(chunk), page_nbytes=slot,
+                                          device_id=self.mem.dev_id)
+                exp = expand_plan(packed.pack_plan_for(self.rank), mine, region,
+                                  np.stack([chunk[:, 0], np.arange(len(chunk))], axis=1))
+                rd = exp.ranks[0]
+                src_cols.append(rd.src_descs[:, 0])
+                dst_cols.append(rd.dst_descs[:, 0])
+                len_cols.append(rd.dst_descs[:, 1])
+                at += n_layers * wave_pairs * slot
+            self.pack_tables.append(self.mem.gather_table(np.concatenate(src_cols), np.concatenate(dst_cols),
+                                                          np.concatenate(len_cols), self.pack))
+        return len(self.pack_tables)
+
+    def pack_run(self, wave: int) -> tuple[float, float]:
+        self.mem.sync()
+        t0 = time.perf_counter()
+        self.mem.gather(self.pack_tables[wave])
+        self.mem.sync()
+        return t0, time.perf_counter()
+
+    def prepare_packed(self, threads: int, pairs: np.ndarray, wave_pairs: int) -> dict:
+        t_start = time.perf_counter()
+        self._use_threads(threads)
+        self.release()
+        cfg, n_layers = self.cfg, self._layers()
+        packed = self._packed(self.rank)
+        before = [self._packed(r) for r in range(self.rank)]  # dst ranks packed ahead of us
+        dst_regions = self._dst_regions()
+        prep = _Prepared()
+        descriptors = 0
+        for start in range(0, len(pairs), wave_pairs):
+            chunk = pairs[start:start + wave_pairs]
+            slots = np.arange(len(chunk), dtype=np.int64)
+            local_at = self.mem.addr(self.staging)
+            items, landed = [], {}
+            for s in packed.plan.src_ranks:
+                slot = packed.slot_nbytes[s]
+                remote_at = self.src_info[s][3] + sum(n_layers * wave_pairs * p.slot_nbytes[s] for p in before)
+                remote = RegionSet.packed(remote_at, num_layers=n_layers, num_blocks=len(chunk), page_nbytes=slot,
+                                          device_id=self.src_info[s][2])
+                local = RegionSet.packed(local_at, num_layers=n_layers, num_blocks=len(chunk), page_nbytes=slot,
+                                         device_id=self.mem.dev_id)
+                exp = expand_plan(packed.fetch_plan(s), {s: remote}, local, np.stack([slots, slots], axis=1))
+                items += [self._prep(r) for r in exp.ranks]
+                descriptors += exp.n_descriptors
+                landed[s] = local
+                local_at += n_layers * wave_pairs * slot
+            prep.waves.append(items)
+            moves = expand_plan(packed.unpack_plan(), landed, dst_regions, np.stack([slots, chunk[:, 1]], axis=1))
+            prep.tables.append(self.mem.gather_table(
+                np.concatenate([r.src_descs[:, 0] for r in moves.ranks]),
+                np.concatenate([r.dst_descs[:, 0] for r in moves.ranks]),
+                np.concatenate([r.dst_descs[:, 1] for r in moves.ranks]), self.staging))
+        nbytes = packed.plan.nbytes * n_layers * len(pairs)
+        prep.stats.update(descriptors=descriptors, requests=descriptors, read_nbytes=nbytes, nbytes=nbytes,
+                          gathered_nbytes=nbytes,
+                          staging_nbytes=n_layers * min(wave_pairs, len(pairs)) * sum(packed.slot_nbytes),
+                          waves=len(prep.waves), prep_s=time.perf_counter() - t_start)
+        self.prepared = prep
+        return prep.stats
+
+    def run_wave(self, wave: int) -> tuple[float, float]:
+        """Packed, dst side: fetch wave `wave` (one descriptor per src rank) and scatter it."""
+        prep = self.prepared
+        self.mem.sync()
+        t0 = time.perf_counter()
+        handles: list = []
+        self._post(prep.waves[wave], handles)
+        self._wait(handles, t0 + 60.0)
+        self.mem.gather(prep.tables[wave])
+        self.mem.sync()
+        return t0, time.perf_counter()
+
+    def poison_all(self) -> bool:
+        for buf in self.buffers:
+            self.mem.poison(buf)
+        self.mem.sync()
+        return True
+
+    def check_all(self) -> bool:
+        return all(self.mem.check(buf, self.template, self.keys[i], self.pairs, self.content_words)
+                   for i, buf in enumerate(self.buffers))
+
     def release(self) -> None:
         prep, self.prepared = self.prepared, None
         if prep is None or self.agent is None:
@@ -485,6 +591,19 @@ class Rank:
             return self.prepare(args["name"], args["threads"], self.pairs, args.get("model"), args["staging_cap"])
         if command == "verify":
             return self.verify()
+        if command == "pack_prepare":
+            return self.pack_prepare(np.asarray(args["pairs"], dtype=np.int64), args["wave_pairs"])
+        if command == "pack_run":
+            return self.pack_run(args["wave"])
+        if command == "prepare_packed":
+            self.pairs = np.asarray(args["pairs"], dtype=np.int64)
+            return self.prepare_packed(args["threads"], self.pairs, args["wave_pairs"])
+        if command == "run_wave":
+            return self.run_wave(args["wave"])
+        if command == "poison":
+            return self.poison_all()
+        if command == "check":
+            return self.check_all()
         if command == "run":
             return self.run_once(args.get("barrier"))
         raise ValueError(f"unknown command {command!r}")
