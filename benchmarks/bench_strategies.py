@@ -3,12 +3,13 @@
 Each case starts fresh src/dst rank processes (`ssm_split.nixl_backend._bench`):
 
 - `qwen`: Qwen3.5-27B, 48 GDN layers, 1 -> 2 and 2 -> 1, batches 8..64, per-layer regions
-  (vLLM's layout: baseline, ssm_split, staged) and the stacked layout (ssm_split, staged);
+  (vLLM's layout: baseline, ssm_split, staged, packed); `qwen-stacked`: the stacked layout
+  (ssm_split, staged); `qwen-threads`: more UCX threads at batch 64;
 - `nemotron`: Nemotron-H-56B, 2 -> 4, batches 16..64, 16 of its 54 Mamba2 layers (the
   most whose src + dst pages of 96 blocks, 4 x 1 GiB staging and the copy-limit buffers
   fit in an H100's 80 GB one after another), both layouts.
 
-    UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y python benchmarks/bench_strategies.py --suite qwen \
+    UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y python benchmarks/bench_strategies.py --suite qwen,qwen-stacked,nemotron \
         --out benchmarks/results/latest-gpu.json --plot benchmarks/results/latest-gpu.png
 
 `--quick` runs one small case (any device) to check the set-up.
@@ -27,10 +28,11 @@ from ssm_split.nixl_backend import _bench  # noqa: E402
 
 QWEN = "--model qwen3.5-27b --layers 48"
 NEMOTRON = "--model nemotron-h-56b --layers 16 --blocks 96 --src-tp 2 --dst-tp 4"
+ALL = "--strategies baseline,ssm_split,staged,packed"
 SUITES = {
     "qwen": [  # per-layer regions, as vLLM lays them out
-        f"{QWEN} --src-tp 1 --dst-tp 2 --batch 8,16,32,64 --baseline-threads 0,4",
-        f"{QWEN} --src-tp 2 --dst-tp 1 --batch 8,16,32,64 --baseline-threads 0,4",
+        f"{QWEN} --src-tp 1 --dst-tp 2 --batch 8,16,32,64 --baseline-threads 0,4 {ALL} --staging-mib 2048",
+        f"{QWEN} --src-tp 2 --dst-tp 1 --batch 8,16,32,64 --baseline-threads 0,4 {ALL} --staging-mib 2048",
     ],
     "qwen-stacked": [
         f"{QWEN} --src-tp 1 --dst-tp 2 --batch 8,16,32,64 --layout stacked --threads 4,16",
@@ -41,7 +43,7 @@ SUITES = {
         f"{QWEN} --src-tp 2 --dst-tp 1 --batch 64 --baseline-threads 4,16 --threads 8,16 --strategies baseline,ssm_split,staged",
     ],
     "nemotron": [
-        f"{NEMOTRON} --batch 16,32,64 --threads 4,16",
+        f"{NEMOTRON} --batch 16,32,64 {ALL}",
         f"{NEMOTRON} --batch 16,32,64 --layout stacked --threads 4,16",
     ],
     "quick": [
