@@ -38,6 +38,7 @@ from .._expand import Buffer, RegionSet
 from .._layout import page_layout
 from .._spec import Spec, check_is_spec
 from ._handshake import Handshake
+from ._integrity import INTEGRITY_REQUEST, answer_integrity
 from ._nixl import make_agent
 from ._sidechannel import SideChannelServer
 
@@ -188,10 +189,14 @@ class Endpoint:
             self._bump_generation()
 
     def deregister(self) -> None:
-        """Deregister the pages and bump `generation`, so handshakes taken before are stale
-        (readers checking the scratch see it). NIXL itself does not tell readers."""
+        """Deregister the pages and bump `generation`, so handshakes taken before are
+        stale. The new generation is written to the scratch header *before* the pages
+        go: a reader's generation check after its READ sees it whenever a byte it read
+        came from deregistered memory. NIXL itself does not tell readers. Generations are
+        odd while the pages are registered, even while they are not."""
         if self._pages_reg is None:
             return
+        _write_bytes(self._scratch, 0, SCRATCH_MAGIC + (self.generation + 1).to_bytes(8, "little"))
         try:
             self.agent.deregister_memory(self._pages_reg)
         except Exception as error:
@@ -226,7 +231,8 @@ class Endpoint:
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Serve the handshake over the side channel; returns the bound `(host, port)`."""
         if self._server is None:
-            self._server = SideChannelServer(lambda: self._handshake_bytes, host, port)
+            handlers = {INTEGRITY_REQUEST: lambda conn: answer_integrity(self, conn)}
+            self._server = SideChannelServer(lambda: self._handshake_bytes, host, port, handlers)
         return self._server.address
 
     @property

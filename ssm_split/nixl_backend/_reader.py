@@ -14,6 +14,11 @@ Completion is polled against a deadline. Any NIXL exception, an "ERR" state, a l
 or a missed deadline raises `TransferError(request=..., peer=...)`; a failed read is
 never reported as done, and every NIXL handle is released either way.
 
+Once the bytes landed, and before a batch counts as received, `_integrity.Guard` checks
+that no src rank re-registered since its handshake (`check_generation`, on by default:
+one 16-byte READ per src rank) and, in integrity mode (`integrity=True`, off by
+default), that every byte read equals the src's digest of it (docs/reliability.md).
+
 The lists are prepared per batch rather than once per peer: merged descriptors depend on
 the batch's block ids, and preparing costs about 0.3 us per descriptor against 5-11 us
 to move one (docs/backend.md).
@@ -33,6 +38,7 @@ from .._plan import Plan, plan_reads
 from .._spec import check_transferable
 from ._endpoint import SCRATCH_MAGIC, Endpoint, encode_notification, read_bytes
 from ._handshake import Handshake, decode_handshake
+from ._integrity import Guard
 from ._sidechannel import fetch_handshake_bytes
 
 __all__ = ["Peer", "Reader", "PendingRead", "ReadStats"]
@@ -47,10 +53,12 @@ _HINTS = {
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """A src rank the reader can read from: its handshake and its NIXL agent name."""
+    """A src rank the reader can read from: its handshake, its NIXL agent name and, when
+    found through `connect_to`, its side channel address."""
 
     handshake: Handshake
     agent_name: str
+    address: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +123,14 @@ class PendingRead:
         self.deadline, self._counts, self._started = deadline, counts, started
         self._finished: float | None = started if not transfers else None
         self._error: TransferError | None = None
+        self.check = None  # run once the bytes landed (set by Reader.start_read)
+
+    @property
+    def status(self) -> str:
+        """"in flight", "received" (bytes landed and checked), "failed" or "cancelled"."""
+        if self._error is not None:
+            return "cancelled" if getattr(self._error, "cancelled", False) else "failed"
+        return "in flight" if self._finished is None else "received"
 
     @property
     def request(self) -> str:
@@ -148,6 +164,14 @@ class PendingRead:
                 self._fail(f"READ from src rank {transfer.src_rank} ended in state {state!r}.",
                            transfer.peer)
         if all(t.done for t in self._transfers):
+            check, self.check = self.check, None
+            if check is not None:
+                try:
+                    check(self)
+                except TransferError as error:
+                    self._error = error
+                    error.request_ids = self.request_ids  # type: ignore[attr-defined]
+                    raise
             self._finished = time.perf_counter()
             return True
         if time.monotonic() > self.deadline:
@@ -178,6 +202,7 @@ class PendingRead:
             transfer.release()
             transfer.done = True
         self._error = TransferError("The read was cancelled.", request=self.request)
+        self._error.cancelled = True  # type: ignore[attr-defined]
 
 
 def _request_ids(request_ids: object, n_pairs: int | None) -> tuple[str, ...]:
@@ -198,14 +223,24 @@ class Reader:
 
     Args:
         endpoint: this dst rank's endpoint (its spec, tp, rank, regions and agent).
+        check_generation: after each batch, check that no src rank deregistered or
+            re-registered its pages since its handshake (`StaleHandshakeError`).
+        integrity: integrity mode: check every byte read against the src's digest of it
+            (`IntegrityError`); needs peers found with `connect_to` and DRAM pages.
+
+    Attributes:
+        before_check: None, or a function called with each `PendingRead` after its
+            bytes landed and before they are checked (fault injection in tests).
     """
 
-    def __init__(self, endpoint: Endpoint):
+    def __init__(self, endpoint: Endpoint, *, check_generation: bool = True, integrity: bool = False):
         if not isinstance(endpoint, Endpoint):
             raise PlanError(f"Reader needs an Endpoint, got {type(endpoint).__name__}.")
         self.endpoint = endpoint
         self.peers: dict[int, Peer] = {}
         self._plan: Plan | None = None
+        self._guard = Guard(self, check_generation=check_generation, integrity=integrity)
+        self.before_check = None
 
     # --- peers --------------------------------------------------------------------------
 
@@ -218,6 +253,10 @@ class Reader:
             SpecMismatchError: the src state is not this endpoint's (names the fields).
         """
         hs = handshake if isinstance(handshake, Handshake) else decode_handshake(handshake)
+        if hs.generation % 2 == 0:
+            raise HandshakeError(f"src rank {hs.rank} ({hs.agent_name!r}) has deregistered its "
+                                 f"pages (generation {hs.generation} is even): nothing can be "
+                                 f"read from it until it registers them again.")
         own = self.endpoint
         check_transferable(hs.spec, own.spec)
         others = {p.handshake.tp for r, p in self.peers.items() if r != hs.rank}
@@ -242,7 +281,9 @@ class Reader:
 
     def connect_to(self, host: str, port: int, *, timeout_s: float = 10.0) -> Peer:
         """Fetch a handshake over the side channel from `(host, port)`, then `connect`."""
-        return self.connect(fetch_handshake_bytes(host, port, timeout_s=timeout_s))
+        peer = self.connect(fetch_handshake_bytes(host, port, timeout_s=timeout_s))
+        peer = self.peers[peer.handshake.rank] = Peer(peer.handshake, peer.agent_name, (host, port))
+        return peer
 
     def disconnect(self, src_rank: int) -> None:
         """Forget a src rank and drop its NIXL metadata."""
@@ -322,12 +363,18 @@ class Reader:
             HandshakeError: a src rank the plan needs is not connected.
             TransferError: NIXL refused to prepare or post a READ.
         """
+        deadline = time.monotonic() + timeout_s
         pairs = np.asarray(block_pairs)
         ids = _request_ids(request_ids, pairs.shape[0] if pairs.ndim == 2 else -1)
         expansion = self.expand(pairs, layers=layers)
         arrays = {r.src_rank: (r.dst_descs, r.src_descs) for r in expansion.ranks if r.n_descriptors}
         counts = (expansion.n_reads, expansion.n_descriptors, expansion.nbytes)
-        return self._start(arrays, ids, timeout_s, encode_notification(ids), counts)
+        check = self._guard.prepare(expansion, pairs, request_ids, ids, deadline)
+        # integrity mode notifies the src only once the bytes are checked
+        notif = b"" if self._guard.integrity else encode_notification(ids)
+        pending = self._start(arrays, ids, deadline - time.monotonic(), notif, counts)
+        pending.check = check
+        return pending
 
     def read(self, block_pairs: object, request_ids: str | Sequence[str], *,
              layers: object = None, timeout_s: float = 30.0) -> ReadStats:
@@ -382,6 +429,7 @@ class Reader:
         """Disconnect from every src rank; the endpoint stays open."""
         for rank in list(self.peers):
             self.disconnect(rank)
+        self._guard.close()
 
     def __enter__(self) -> "Reader":
         return self
