@@ -10,13 +10,16 @@ src rank) and compares the generation with its handshake's: if any data byte cam
 memory deregistered before that READ, the header it sees afterwards already shows the
 bump. A mismatch is a `StaleHandshakeError` and the batch is not received.
 
+While a check runs (by default), the read-done notification does not ride on the READ:
+the reader sends it (`send_notif`) only once every check passed, so a src never hears
+"done" for a batch the reader refused, and keeps the pages for a second attempt.
+
 Integrity mode (`Reader(..., integrity=True)`). Before posting, the reader asks every src
 rank over the side channel for the digests of exactly the bytes it will read from it
 (`b"SSMSPLIT INTEGRITY 1\\n"`, then an 8-byte length and a JSON request
 `{"op": "digests", "generation", "fingerprint", "dst_tp", "dst_rank", "layers",
 "src_blocks"}`); the src computes them from its own plan and pages. After the READs,
-the reader digests what landed and compares. The read-done notification is sent only
-once the bytes match, so the src keeps the pages meanwhile; for each differing piece
+the reader digests what landed and compares. For each differing piece
 (up to `MAX_LOCATED_PIECES`) the reader asks the src for the piece's bytes
 (`{"op": "bytes", ..., "items": [[layer, src_block, piece], ...]}`) and names every
 differing byte (`IntegrityError.corruptions`). Answers are an 8-byte length and a JSON
@@ -195,6 +198,12 @@ class Guard:
         self._landing: Any = None
         self._landing_reg = None
 
+    @property
+    def defers_notification(self) -> bool:
+        """True when some check runs: the read-done notification then goes to the src
+        ranks only after the checks passed, instead of riding on the READ."""
+        return self.check_generation or self.integrity
+
     def _landing_for(self, count: int):
         endpoint = self.reader.endpoint
         if self._landing is None or self._landing.shape[0] < count * _HEADER_NBYTES:
@@ -249,7 +258,7 @@ class Guard:
         the bytes landed, or None when there is nothing to check."""
         plan, reader = expansion.plan, self.reader
         ranks = [r.src_rank for r in expansion.ranks if r.n_descriptors]
-        if not ranks:
+        if not ranks or not self.defers_notification:
             return None
         layers = expansion.layers.tolist()
         expected = None
@@ -279,7 +288,7 @@ class Guard:
                 self.fence(ranks, ids, pending.deadline)
             if expected is not None:
                 self._verify(plan, expected, pairs, row_ids, layers, ids, pending.deadline)
-                self._notify(ranks, ids)
+            self._notify(ranks, ids)
 
         return check
 

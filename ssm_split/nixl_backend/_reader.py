@@ -370,8 +370,8 @@ class Reader:
         arrays = {r.src_rank: (r.dst_descs, r.src_descs) for r in expansion.ranks if r.n_descriptors}
         counts = (expansion.n_reads, expansion.n_descriptors, expansion.nbytes)
         check = self._guard.prepare(expansion, pairs, request_ids, ids, deadline)
-        # integrity mode notifies the src only once the bytes are checked
-        notif = b"" if self._guard.integrity else encode_notification(ids)
+        # with checks on, the src is notified only once the bytes passed them
+        notif = b"" if self._guard.defers_notification else encode_notification(ids)
         pending = self._start(arrays, ids, deadline - time.monotonic(), notif, counts)
         pending.check = check
         return pending
