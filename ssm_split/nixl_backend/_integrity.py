@@ -50,6 +50,7 @@ INTEGRITY_REQUEST = b"SSMSPLIT INTEGRITY 1\n"
 MAX_REQUEST_NBYTES = 16 << 20
 MAX_ANSWER_NBYTES = 256 << 20
 MAX_LOCATED_PIECES = 16
+MAX_PAGES = 1 << 20
 _LENGTH = struct.Struct(">Q")
 _MAGIC = b"SSMSPLIT"
 _HEADER_NBYTES = 16
@@ -84,9 +85,10 @@ def _ints(value: object, name: str, limit: int) -> list[int]:
 def _answer(endpoint: Any, request: dict) -> tuple[dict, bytes]:
     if not isinstance(request, dict) or request.get("op") not in ("digests", "bytes"):
         raise ValueError("`op` must be \"digests\" or \"bytes\"")
-    if request.get("generation") != endpoint.generation or not endpoint.registered:
+    generation = request.get("generation")
+    if type(generation) is not int or generation != endpoint.generation or not endpoint.registered:
         return {"ok": False, "kind": "stale",
-                "error": f"the reader's handshake says generation {request.get('generation')!r}, "
+                "error": f"the reader's handshake says generation {generation!r}, "
                          f"this endpoint is at generation {endpoint.generation}"
                          + ("" if endpoint.registered else " and its pages are deregistered")}, b""
     if request.get("fingerprint") != spec_fingerprint(endpoint.spec):
@@ -99,6 +101,8 @@ def _answer(endpoint: Any, request: dict) -> tuple[dict, bytes]:
     if request["op"] == "digests":
         layers = _ints(request.get("layers"), "layers", 1 << 16)
         blocks = _ints(request.get("src_blocks"), "src_blocks", 1 << 22)
+        if len(layers) * len(blocks) > MAX_PAGES:
+            raise ValueError(f"{len(layers)} layers x {len(blocks)} blocks exceed {MAX_PAGES} pages")
         digests = src_digests(plan, endpoint.rank, memory, blocks, layers)
         return ({"ok": True, "algorithm": DIGEST_ALGORITHM, "shape": list(digests.shape)},
                 digests.astype("<u8").tobytes())
