@@ -128,8 +128,11 @@ def _kernel():
     return _KERNEL
 
 
-def run_gather(table: GatherTable, stream=None) -> None:
-    """Launch the copies of `table` on the current (or given) CUDA stream; returns at once."""
+def run_gather(table: GatherTable, stream=None, *, block: int = _BLOCK, num_warps: int = 8) -> None:
+    """Launch the copies of `table` on the current (or given) CUDA stream; returns at once.
+
+    `block` (words per loop step) and `num_warps` are tuning knobs (see
+    `benchmarks/tune_gather.py`)."""
     if table.n_chunks == 0:
         return
     import torch
@@ -138,7 +141,7 @@ def run_gather(table: GatherTable, stream=None) -> None:
     ctx = torch.cuda.stream(stream) if stream is not None else _null()
     with ctx:
         kernel[(table.n_chunks,)](table.anchor, table.src_words, table.dst_words, table.len_words,
-                                  BLOCK=_BLOCK, ALIGN=table.align_words, num_warps=8)
+                                  BLOCK=block, ALIGN=table.align_words, num_warps=num_warps)
 
 
 class _null:
