@@ -10,6 +10,8 @@ commands over a pipe:
 - `("register", rank)`: put the reference pages back, register them again; answers
   `("registered", generation)`;
 - `("notified", request_id)`: poll notifications; answers `("notified", [count per rank])`;
+- `("counts",)`: poll notifications; answers `("counts", [{request_id: count} per rank,
+  foreign notifications])`;
 - `("stop",)`: close and exit.
 
 Only the pipe's control messages, NIXL and the side channel cross the process boundary.
@@ -51,6 +53,11 @@ def serve_faulty(case, conn, ucx_params=None) -> None:
                 for endpoint in endpoints:
                     endpoint.poll_notifications()
                 conn.send(("notified", [e.reads_done(command[1]) for e in endpoints]))
+            elif command[0] == "counts":
+                for endpoint in endpoints:
+                    endpoint.poll_notifications()
+                conn.send(("counts", ([dict(e._reads_done) for e in endpoints],
+                                      sum(len(e.foreign_notifications) for e in endpoints))))
         for endpoint in endpoints:
             endpoint.close()
     except BaseException:
