@@ -10,6 +10,8 @@ segment and offset, and nothing else; padding and other pages are never digested
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -177,6 +179,22 @@ def test_padding_and_pages_outside_the_batch_are_not_digested(case, data):
             else:
                 page[:] ^= 0xFF  # a page the batch does not move
     assert np.array_equal(want, dst_digests(plan, dst, case["dst_blocks"], case["layers"]))
+
+
+def test_large_batches_digest_the_same_on_several_threads():
+    # 10 pages of 512 KiB: above the size where pages hash on several threads
+    page_nbytes = 512 << 10
+    regions = RegionSet.packed(1 << 32, num_layers=2, num_blocks=8, page_nbytes=page_nbytes, order="block")
+    data = np.random.default_rng(5).integers(0, 256, regions.buffers[0].nbytes, dtype=np.uint8)
+    mem = PageMemory(regions, (data,))
+    offsets, lengths = [0, 100_000, 300_000], [100_000, 200_000, 212_000]
+    got = digest_pages(mem, [1, 0], [5, 2, 3, 0, 7], offsets, lengths)
+    for i, layer in enumerate([1, 0]):
+        for n, block in enumerate([5, 2, 3, 0, 7]):
+            start = regions.page_addr(layer, block) - (1 << 32)
+            for j, (o, k) in enumerate(zip(offsets, lengths)):
+                want = hashlib.sha256(data[start + o: start + o + k]).digest()[:8]
+                assert int(got[i, n, j]) == int.from_bytes(want, "little")
 
 
 def test_a_piece_whose_src_bytes_are_unknown_is_reported_whole():
