@@ -55,5 +55,16 @@ from ._spec import Part as Part
 from ._spec import ShortConvSpec as ShortConvSpec
 from ._spec import Spec as Spec
 from ._spec import check_transferable as check_transferable
+from ._cost import CostModel as CostModel
+from ._cost import baseline_reads as baseline_reads
+from ._stacked import StackedSpec as StackedSpec
+from ._stacked import layer_view as layer_view
+from ._stacked import stack_layers as stack_layers
+from ._stacked import stacked_layout as stacked_layout
+from ._stacked import stacked_plan as stacked_plan
+from ._staging import PackedPlan as PackedPlan
+from ._staging import StagedPlan as StagedPlan
+from ._staging import pack_plan as pack_plan
+from ._staging import stage_plan as stage_plan
 
 __version__ = "0.1.0"

@@ -310,8 +310,15 @@ def format_records(records: list[dict]) -> str:
     return format_table(header, rows)
 
 
+_COLORS = {"copy-limit": "black", "baseline": "tab:red", "ssm_split": "tab:blue", "staged": "tab:orange",
+           "packed": "tab:green"}
+_MARKERS = {None: "s", 0: "v", 4: "o", 8: "^", 16: "D"}
+
+
 def plot_records(records: list[dict], path: str) -> bool:
-    """Time vs batch size per strategy, one panel per case; False when matplotlib is missing."""
+    """Time vs batch size per strategy, one panel per case (color: strategy; solid:
+    per-layer regions, dashed: stacked layout; marker: UCX threads). False when
+    matplotlib is missing."""
     try:
         import matplotlib
 
@@ -323,21 +330,27 @@ def plot_records(records: list[dict], path: str) -> bool:
     for r in records:
         if r["median_s"]:
             case = f"{r['model']} {r['src_tp']}->{r['dst_tp']} ({r['layers']} layers)"
-            cases.setdefault(case, {}).setdefault(f"{r['layout']}: {r['strategy']}", []).append((r["batch"], r["median_s"]))
-    fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 4.5), squeeze=False)
+            key = (r["layout"], r["strategy"], r["threads"])
+            if r["strategy"] == "copy-limit":
+                key = ("", "copy-limit", None)
+            cases.setdefault(case, {}).setdefault(key, {})[r["batch"]] = r["median_s"]
+    fig, axes = plt.subplots(1, len(cases), figsize=(6.5 * len(cases), 5), squeeze=False)
     for ax, (case, series) in zip(axes[0], cases.items()):
-        for label, pts in sorted(series.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], marker="o", label=label)
+        for (layout, strategy, threads), pts in sorted(series.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+            name = strategy.split("@")[0]
+            batches = sorted(pts)
+            ax.plot(batches, [pts[b] * 1e3 for b in batches], color=_COLORS.get(name, "gray"),
+                    linestyle="--" if layout == "stacked" else "-", marker=_MARKERS.get(threads, "o"),
+                    label=strategy if name == "copy-limit" else f"{layout}: {strategy}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch (requests)")
-        ax.set_ylabel("time (ms)")
+        ax.set_ylabel("time (ms), dst ranks summed")
         ax.set_title(case, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     return True
 
 

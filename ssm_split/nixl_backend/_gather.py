@@ -128,7 +128,7 @@ def _kernel():
     return _KERNEL
 
 
-def run_gather(table: GatherTable, stream=None, *, block: int = _BLOCK, num_warps: int = 8) -> None:
+def run_gather(table: GatherTable, stream=None, *, block: int = _BLOCK, num_warps: int = 16) -> None:
     """Launch the copies of `table` on the current (or given) CUDA stream; returns at once.
 
     `block` (words per loop step) and `num_warps` are tuning knobs (see
