@@ -31,8 +31,8 @@ NEMOTRON = "--model nemotron-h-56b --layers 16 --blocks 96 --src-tp 2 --dst-tp 4
 ALL = "--strategies baseline,ssm_split,staged,packed"
 SUITES = {
     "qwen": [  # per-layer regions, as vLLM lays them out
-        f"{QWEN} --src-tp 1 --dst-tp 2 --batch 8,16,32,64 --baseline-threads 0,4 {ALL} --staging-mib 2048",
-        f"{QWEN} --src-tp 2 --dst-tp 1 --batch 8,16,32,64 --baseline-threads 0,4 {ALL} --staging-mib 2048",
+        f"{QWEN} --src-tp 1 --dst-tp 2 --batch 8,16,32,64 --baseline-threads 0,4 {ALL} --staging-mib 4096",
+        f"{QWEN} --src-tp 2 --dst-tp 1 --batch 8,16,32,64 --baseline-threads 0,4 {ALL} --staging-mib 4096",
     ],
     "qwen-stacked": [
         f"{QWEN} --src-tp 1 --dst-tp 2 --batch 8,16,32,64 --layout stacked --threads 4,16",
@@ -43,7 +43,7 @@ SUITES = {
         f"{QWEN} --src-tp 2 --dst-tp 1 --batch 64 --baseline-threads 4,16 --threads 8,16 --strategies baseline,ssm_split,staged",
     ],
     "nemotron": [
-        f"{NEMOTRON} --batch 16,32,64 {ALL}",
+        f"{NEMOTRON} --batch 16,32,64 {ALL} --staging-mib 2048",
         f"{NEMOTRON} --batch 16,32,64 --layout stacked --threads 4,16",
     ],
     "quick": [

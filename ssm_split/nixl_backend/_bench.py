@@ -196,7 +196,7 @@ def _wave_pairs(cfg: dict) -> int:
     plans = [pack_plan(_plan_for("ssm_split", cfg, r, None)) for r in range(cfg["dst_tp"])]
     per_dst = max(sum(p.slot_nbytes) for p in plans)
     per_src = max(sum(p.slot_nbytes[s] for p in plans) for s in range(cfg["src_tp"]))
-    wave = cfg["staging_nbytes"] // (n_layers * max(per_dst, per_src))
+    wave = cfg["staging_nbytes"] // 2 // (n_layers * max(per_dst, per_src))  # two halves
     if wave < 1:
         raise ValueError("--staging-mib is too small to pack one request; raise it")
     return wave
@@ -220,18 +220,53 @@ def _run_packed(cfg, versions, batch, threads, pairs, nbytes, copy_limit, src_pi
                 total += t1 - t0
         return total
 
-    for p in dst_pipes:
-        _call(p, "poison")
-    once()
-    ok = all(_call(p, "check") for p in dst_pipes)
+    def pipelined() -> float:
+        """All processes live: src ranks pack wave w+1 while the dst ranks fetch and
+        scatter wave w (halves of the buffers alternate); first pack to last scatter."""
+        spans = _gather_calls(src_pipes, "pack_run", wave=0)
+        for w in range(waves):
+            for pipe in dst_pipes:
+                pipe.send(("run_wave", {"wave": w}))
+            if w + 1 < waves:
+                for pipe in src_pipes:
+                    pipe.send(("pack_run", {"wave": w + 1}))
+                spans += _replies(src_pipes)
+            spans += _replies(dst_pipes)
+        return max(t1 for _, t1 in spans) - min(t0 for t0, _ in spans)
+
     times = {}
+    ok = True
+    for run in (once, pipelined):
+        for p in dst_pipes:
+            _call(p, "poison")
+        run()
+        ok &= all(_call(p, "check") for p in dst_pipes)
     if ok:
         samples = [once() for _ in range(args.warmup + args.repeats)][args.warmup:]
         times = {"serial": statistics.median(samples), "serial_samples": samples}
+        if args.mode != "serial":
+            samples = [pipelined() for _ in range(args.warmup + args.repeats)][args.warmup:]
+            times.update(concurrent=statistics.median(samples), concurrent_samples=samples)
     total = {k: sum(s[k] for s in stats) for k in ("descriptors", "requests", "read_nbytes", "gathered_nbytes")}
     total["staging_nbytes"] = max(s["staging_nbytes"] for s in stats)
     total["waves"] = waves
     return _record(cfg, versions, batch, "packed", threads, total, nbytes, times, copy_limit, ok, None)
+
+
+def _replies(pipes) -> list:
+    out = []
+    for pipe in pipes:
+        status, value = pipe.recv()
+        if status != "ok":
+            raise RuntimeError(value)
+        out.append(value)
+    return out
+
+
+def _gather_calls(pipes, command, **args) -> list:
+    for pipe in pipes:
+        pipe.send((command, args))
+    return _replies(pipes)
 
 
 def _time(pipes, args) -> dict:

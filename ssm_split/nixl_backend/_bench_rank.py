@@ -477,9 +477,10 @@ class Rank:
         mine = {self.rank: _regions(self.addrs, cfg["num_blocks"], cfg["src_page_nbytes"], self.mem.dev_id)}
         plans = [self._packed(r) for r in range(cfg["dst_tp"])]
         self.pack_tables = []
-        for start in range(0, len(pairs), wave_pairs):
+        half = cfg["pack_nbytes"] // 2  # waves alternate halves: pack w+1 while w is read
+        for w, start in enumerate(range(0, len(pairs), wave_pairs)):
             chunk = pairs[start:start + wave_pairs]
-            at, src_cols, dst_cols, len_cols = self.mem.addr(self.pack), [], [], []
+            at, src_cols, dst_cols, len_cols = self.mem.addr(self.pack) + (w % 2) * half, [], [], []
             for packed in plans:
                 slot = packed.slot_nbytes[self.rank]
                 if not slot:
@@ -514,14 +515,16 @@ class Rank:
         dst_regions = self._dst_regions()
         prep = _Prepared()
         descriptors = 0
-        for start in range(0, len(pairs), wave_pairs):
+        half = cfg["staging_nbytes"] // 2  # the same halves as the src pack buffers
+        for w, start in enumerate(range(0, len(pairs), wave_pairs)):
             chunk = pairs[start:start + wave_pairs]
             slots = np.arange(len(chunk), dtype=np.int64)
-            local_at = self.mem.addr(self.staging)
+            local_at = self.mem.addr(self.staging) + (w % 2) * half
             items, landed = [], {}
             for s in packed.plan.src_ranks:
                 slot = packed.slot_nbytes[s]
-                remote_at = self.src_info[s][3] + sum(n_layers * wave_pairs * p.slot_nbytes[s] for p in before)
+                remote_at = (self.src_info[s][3] + (w % 2) * (cfg["pack_nbytes"] // 2)
+                             + sum(n_layers * wave_pairs * p.slot_nbytes[s] for p in before))
                 remote = RegionSet.packed(remote_at, num_layers=n_layers, num_blocks=len(chunk), page_nbytes=slot,
                                           device_id=self.src_info[s][2])
                 local = RegionSet.packed(local_at, num_layers=n_layers, num_blocks=len(chunk), page_nbytes=slot,
