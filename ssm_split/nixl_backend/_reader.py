@@ -114,7 +114,12 @@ class PendingRead:
     """A batch in flight: `poll()` until it returns True, or `wait()`.
 
     Raises `TransferError` (from `poll` / `wait`) when any src rank's transfer fails or
-    the deadline passes; its handles are then released and the batch's data is invalid.
+    the deadline passes; the batch's data is then invalid. A READ still in flight when
+    its batch failed (a missed deadline) may go on writing into the batch's dst pages:
+    NIXL accepts the release of an active transfer, yet over UCX's tcp transport its
+    bytes keep landing (docs/reliability.md). Such transfers are kept until NIXL reports
+    them finished: the batch is `settled` only then, and its dst blocks must not be
+    given to another request before (the `Reader` refuses to read into them).
     """
 
     def __init__(self, agent, transfers: list[_Transfer], request_ids: tuple[str, ...],
@@ -123,6 +128,7 @@ class PendingRead:
         self.deadline, self._counts, self._started = deadline, counts, started
         self._finished: float | None = started if not transfers else None
         self._error: TransferError | None = None
+        self._unsettled: list[_Transfer] = []  # active when the batch failed
         self.check = None  # run once the bytes landed (set by Reader.start_read)
 
     @property
@@ -136,9 +142,9 @@ class PendingRead:
     def request(self) -> str:
         return _label(self.request_ids)
 
-    def _fail(self, message: str, peer: str | None, cause: BaseException | None = None) -> None:
-        for transfer in self._transfers:
-            transfer.release()
+    def _fail(self, message: str, peer: str | None, cause: BaseException | None = None,
+              ended: _Transfer | None = None) -> None:
+        self._keep_active(ended)
         self._error = TransferError(message, request=self.request, peer=peer)
         self._error.request_ids = self.request_ids  # type: ignore[attr-defined]
         raise self._error from cause
@@ -156,13 +162,13 @@ class PendingRead:
                 state = self._agent.check_xfer_state(transfer.xfer)
             except Exception as error:  # NIXL exceptions derive from Exception
                 self._fail(f"READ from src rank {transfer.src_rank} failed: "
-                           f"{type(error).__name__}: {error}", transfer.peer, error)
+                           f"{type(error).__name__}: {error}", transfer.peer, error, transfer)
             if state == "DONE":
                 transfer.done = True
                 transfer.release()
             elif state != "PROC":
                 self._fail(f"READ from src rank {transfer.src_rank} ended in state {state!r}.",
-                           transfer.peer)
+                           transfer.peer, ended=transfer)
         if all(t.done for t in self._transfers):
             check, self.check = self.check, None
             if check is not None:
@@ -196,11 +202,53 @@ class PendingRead:
         return ReadStats(self.request_ids, n_reads, n_descriptors, nbytes, len(self._transfers),
                          self._finished - self._started)
 
-    def cancel(self) -> None:
-        """Release every handle (NIXL tries to cancel active transfers)."""
+    def _keep_active(self, ended: _Transfer | None = None) -> None:
+        """The batch failed: release finished transfers, keep the others until settled."""
+        for transfer in self._transfers:
+            if transfer.done or transfer is ended or transfer.xfer is None:
+                transfer.release()
+            elif transfer not in self._unsettled:
+                self._unsettled.append(transfer)
+            transfer.done = True
+
+    @property
+    def settled(self) -> bool:
+        """True once no READ of this batch can still write into its dst pages: the batch
+        was received, or it failed and NIXL reported every READ that was in flight then
+        as finished (polls them; releases those that are)."""
+        if self._error is None:
+            return self._finished is not None
+        still = []
+        for transfer in self._unsettled:
+            try:
+                state = self._agent.check_xfer_state(transfer.xfer)
+            except Exception:  # failed: it writes no more
+                state = "ERR"
+            if state == "PROC":
+                still.append(transfer)
+            else:
+                transfer.release()
+        self._unsettled = still
+        return not still
+
+    def wait_settled(self, timeout_s: float = 30.0) -> bool:
+        """Poll `settled` for up to `timeout_s`; returns it."""
+        deadline = time.monotonic() + timeout_s
+        while not self.settled:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.0005)
+        return True
+
+    def release(self) -> None:
+        """Release every handle now, settled or not (NIXL tries to cancel active ones)."""
         for transfer in self._transfers:
             transfer.release()
-            transfer.done = True
+        self._unsettled = []
+
+    def cancel(self) -> None:
+        """Give up on the batch: it fails; READs in flight are kept until `settled`."""
+        self._keep_active()
         self._error = TransferError("The read was cancelled.", request=self.request)
         self._error.cancelled = True  # type: ignore[attr-defined]
 
@@ -241,6 +289,8 @@ class Reader:
         self._plan: Plan | None = None
         self._guard = Guard(self, check_generation=check_generation, integrity=integrity)
         self.before_check = None
+        # batches whose READs may still write: (pending, dst blocks, layers)
+        self._batches: list[tuple[PendingRead, set[int], set[int]]] = []
 
     # --- peers --------------------------------------------------------------------------
 
@@ -367,6 +417,8 @@ class Reader:
         pairs = np.asarray(block_pairs)
         ids = _request_ids(request_ids, pairs.shape[0] if pairs.ndim == 2 else -1)
         expansion = self.expand(pairs, layers=layers)
+        blocks, layer_set = set(pairs[:, 1].tolist()), set(expansion.layers.tolist())
+        self._check_free(blocks, layer_set)
         arrays = {r.src_rank: (r.dst_descs, r.src_descs) for r in expansion.ranks if r.n_descriptors}
         counts = (expansion.n_reads, expansion.n_descriptors, expansion.nbytes)
         check = self._guard.prepare(expansion, pairs, request_ids, ids, deadline)
@@ -374,7 +426,25 @@ class Reader:
         notif = b"" if self._guard.defers_notification else encode_notification(ids)
         pending = self._start(arrays, ids, deadline - time.monotonic(), notif, counts)
         pending.check = check
+        self._batches.append((pending, blocks, layer_set))
         return pending
+
+    def _check_free(self, blocks: set[int], layers: set[int]) -> None:
+        """Refuse dst pages that an unfinished batch, or a failed one that is not
+        `settled`, may still write."""
+        kept = []
+        for pending, used, used_layers in self._batches:
+            if pending.status == "received" or (pending.status != "in flight" and pending.settled):
+                continue
+            kept.append((pending, used, used_layers))
+            clash = blocks & used
+            if clash and layers & used_layers:
+                what = ("is still in flight" if pending.status == "in flight" else
+                        f"{pending.status} while its READs were in flight, and NIXL may still be "
+                        f"writing them (wait for its `settled`)")
+                raise PlanError(f"dst block {min(clash)} is being written by batch "
+                                f"{pending.request!r}, which {what}. Read into another block.")
+        self._batches = kept
 
     def read(self, block_pairs: object, request_ids: str | Sequence[str], *,
              layers: object = None, timeout_s: float = 30.0) -> ReadStats:
@@ -425,8 +495,18 @@ class Reader:
                                     request=_label(ids), peer=peer.agent_name)
         return PendingRead(agent, transfers, ids, deadline, counts, started)
 
-    def close(self) -> None:
-        """Disconnect from every src rank; the endpoint stays open."""
+    def close(self, *, settle_timeout_s: float = 10.0) -> None:
+        """Disconnect from every src rank; the endpoint stays open. Batches not finished
+        are cancelled, and their READs given up to `settle_timeout_s` to finish before
+        their handles are released (after that, keep the dst memory alive until the src
+        engines are gone: NIXL may still write into it)."""
+        deadline = time.monotonic() + settle_timeout_s
+        for pending, _, _ in self._batches:
+            if pending.status == "in flight":
+                pending.cancel()
+            pending.wait_settled(max(deadline - time.monotonic(), 0.0))
+            pending.release()
+        self._batches = []
         for rank in list(self.peers):
             self.disconnect(rank)
         self._guard.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import time
 import traceback
 
 
@@ -98,6 +99,20 @@ class FaultySrc:
     def signal(self, sig: int) -> None:
         os.kill(self.proc.pid, sig)
 
+    def pause(self, timeout_s: float = 10.0) -> None:
+        """SIGSTOP the process and wait until every thread of it has stopped (a signal is
+        delivered asynchronously: right after `kill`, threads may still serve a READ)."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + timeout_s
+        while not all(_thread_state(self.proc.pid, task) in "Tt"
+                      for task in os.listdir(f"/proc/{self.proc.pid}/task")):
+            if time.monotonic() > deadline:
+                raise AssertionError("the src process did not stop")
+            time.sleep(0.001)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
     def kill(self) -> None:
         self.proc.kill()
         self.proc.join()
@@ -118,3 +133,11 @@ class FaultySrc:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _thread_state(pid: int, task: str) -> str:
+    try:
+        with open(f"/proc/{pid}/task/{task}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except OSError:  # the thread exited
+        return "T"
