@@ -19,6 +19,7 @@ import dataclasses
 import json
 import socket
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -294,3 +295,10 @@ def test_hostile_integrity_requests_are_refused_and_the_src_keeps_serving(served
         assert header is not None and header["ok"] is False and header["kind"] == kind
         assert header["error"]
     assert fetch_handshake_bytes(*served.address, timeout_s=5) == served.handshake().encode()
+
+
+def test_a_silent_side_channel_client_delays_nobody(served):
+    with socket.create_connection(served.address, timeout=5):  # connects, never says a word
+        started = time.monotonic()
+        assert fetch_handshake_bytes(*served.address, timeout_s=2) == served.handshake().encode()
+        assert time.monotonic() - started < 1.0
