@@ -106,6 +106,22 @@ class _Spec:
 
     __slots__ = ()
     family: ClassVar[str]
+    _dims: ClassVar[tuple[str, ...]]  # the fields that must be positive ints
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for field in self._dims:
+            _check_positive_int(name, field, getattr(self, field))
+        self._check_conv()
+        if self.temporal_part is not None:
+            _check_dtype(name, "ssm_dtype", self.ssm_dtype)  # type: ignore[attr-defined]
+        self._check_relations()
+
+    def _check_conv(self) -> None:
+        """Validate the conv fields (families with a conv state)."""
+
+    def _check_relations(self) -> None:
+        """Validate how the dims relate to each other (family-specific)."""
 
     @property
     def conv_rows(self) -> int:
@@ -135,7 +151,9 @@ class _Spec:
     @property
     def ssm_nbytes_per_elem(self) -> int:
         """Element size of the temporal state in bytes (0 when there is none)."""
-        return 0
+        if self.temporal_part is None:
+            return 0
+        return DTYPE_NBYTES[self.ssm_dtype]  # type: ignore[attr-defined]
 
     @property
     def parts(self) -> tuple[Part, ...]:
@@ -157,6 +175,9 @@ class _Spec:
 
 class _ConvSpec(_Spec):
     __slots__ = ()
+
+    def _check_conv(self) -> None:
+        _check_conv(self)
 
     @property
     def conv_rows(self) -> int:
@@ -186,12 +207,9 @@ class Mamba2Spec(_ConvSpec):
     conv_layout: str = "DS"
     spec_tokens: int = 0
     family: ClassVar[str] = "mamba2"
+    _dims: ClassVar[tuple[str, ...]] = ("num_heads", "head_dim", "n_groups", "state_size")
 
-    def __post_init__(self) -> None:
-        for field in ("num_heads", "head_dim", "n_groups", "state_size"):
-            _check_positive_int("Mamba2Spec", field, getattr(self, field))
-        _check_conv(self)
-        _check_dtype("Mamba2Spec", "ssm_dtype", self.ssm_dtype)
+    def _check_relations(self) -> None:
         if self.num_heads % self.n_groups:
             raise SpecError(
                 f"Mamba2Spec: `num_heads`={self.num_heads} is not a multiple of "
@@ -215,10 +233,6 @@ class Mamba2Spec(_ConvSpec):
     def temporal_tail(self) -> tuple[int, ...]:
         return (self.head_dim, self.state_size)
 
-    @property
-    def ssm_nbytes_per_elem(self) -> int:
-        return DTYPE_NBYTES[self.ssm_dtype]
-
 
 @dataclass(frozen=True, slots=True)
 class GDNSpec(_ConvSpec):
@@ -239,12 +253,9 @@ class GDNSpec(_ConvSpec):
     conv_layout: str = "DS"
     spec_tokens: int = 0
     family: ClassVar[str] = "gdn"
+    _dims: ClassVar[tuple[str, ...]] = ("num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim")
 
-    def __post_init__(self) -> None:
-        for field in ("num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim"):
-            _check_positive_int("GDNSpec", field, getattr(self, field))
-        _check_conv(self)
-        _check_dtype("GDNSpec", "ssm_dtype", self.ssm_dtype)
+    def _check_relations(self) -> None:
         if self.num_v_heads % self.num_k_heads:
             raise SpecError(
                 f"GDNSpec: `num_v_heads`={self.num_v_heads} is not a multiple of "
@@ -269,10 +280,6 @@ class GDNSpec(_ConvSpec):
     def temporal_tail(self) -> tuple[int, ...]:
         return (self.head_v_dim, self.head_k_dim)
 
-    @property
-    def ssm_nbytes_per_elem(self) -> int:
-        return DTYPE_NBYTES[self.ssm_dtype]
-
 
 @dataclass(frozen=True, slots=True)
 class Mamba1Spec(_ConvSpec):
@@ -287,12 +294,7 @@ class Mamba1Spec(_ConvSpec):
     conv_layout: str = "DS"
     spec_tokens: int = 0
     family: ClassVar[str] = "mamba1"
-
-    def __post_init__(self) -> None:
-        for field in ("intermediate_size", "state_size"):
-            _check_positive_int("Mamba1Spec", field, getattr(self, field))
-        _check_conv(self)
-        _check_dtype("Mamba1Spec", "ssm_dtype", self.ssm_dtype)
+    _dims: ClassVar[tuple[str, ...]] = ("intermediate_size", "state_size")
 
     @property
     def conv_parts(self) -> tuple[Part, ...]:
@@ -306,10 +308,6 @@ class Mamba1Spec(_ConvSpec):
     def temporal_tail(self) -> tuple[int, ...]:
         return (self.state_size,)
 
-    @property
-    def ssm_nbytes_per_elem(self) -> int:
-        return DTYPE_NBYTES[self.ssm_dtype]
-
 
 @dataclass(frozen=True, slots=True)
 class ShortConvSpec(_ConvSpec):
@@ -322,10 +320,7 @@ class ShortConvSpec(_ConvSpec):
     conv_layout: str = "DS"
     spec_tokens: int = 0
     family: ClassVar[str] = "short_conv"
-
-    def __post_init__(self) -> None:
-        _check_positive_int("ShortConvSpec", "conv_dim", self.conv_dim)
-        _check_conv(self)
+    _dims: ClassVar[tuple[str, ...]] = ("conv_dim",)
 
     @property
     def conv_parts(self) -> tuple[Part, ...]:
@@ -341,11 +336,7 @@ class LinearAttentionSpec(_Spec):
     head_dim: int
     ssm_dtype: str = "bfloat16"
     family: ClassVar[str] = "linear_attention"
-
-    def __post_init__(self) -> None:
-        for field in ("num_heads", "head_dim"):
-            _check_positive_int("LinearAttentionSpec", field, getattr(self, field))
-        _check_dtype("LinearAttentionSpec", "ssm_dtype", self.ssm_dtype)
+    _dims: ClassVar[tuple[str, ...]] = ("num_heads", "head_dim")
 
     @property
     def temporal_part(self) -> Part:
@@ -354,10 +345,6 @@ class LinearAttentionSpec(_Spec):
     @property
     def temporal_tail(self) -> tuple[int, ...]:
         return (self.head_dim, self.head_dim)
-
-    @property
-    def ssm_nbytes_per_elem(self) -> int:
-        return DTYPE_NBYTES[self.ssm_dtype]
 
 
 Spec = Union[Mamba2Spec, GDNSpec, Mamba1Spec, ShortConvSpec, LinearAttentionSpec]
