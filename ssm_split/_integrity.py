@@ -43,6 +43,7 @@ __all__ = [
     "Piece",
     "PageMemory",
     "Corruption",
+    "digest_bytes",
     "plan_pieces",
     "pieces_from",
     "digest_pages",
@@ -159,7 +160,8 @@ def _check_batch(memory: PageMemory, layers: object, blocks: object, side: str,
     return layer_ids, block_ids
 
 
-def _digest(data: np.ndarray) -> int:
+def digest_bytes(data: np.ndarray) -> int:
+    """The digest of a C-contiguous byte array (see the module docstring)."""
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
 
 
@@ -192,7 +194,7 @@ def digest_pages(memory: PageMemory, layers: object, blocks: object,
     def run(chunk: list[tuple[int, int, int, int]]) -> None:
         for i, n, layer, block in chunk:
             page = memory.page(layer, block)
-            out[i, n] = [_digest(page[start:stop]) for start, stop in ranges]
+            out[i, n] = [digest_bytes(page[start:stop]) for start, stop in ranges]
 
     workers = min(os.cpu_count() or 1, _MAX_THREADS)
     big = len(jobs) * sum(lengths) >= _THREADED_NBYTES and sum(lengths) >= _THREADED_PIECE_NBYTES * len(ranges)

@@ -37,9 +37,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .._errors import HandshakeError, IntegrityError, SsmSplitError, StaleHandshakeError, TransferError
-from .._integrity import (DIGEST_ALGORITHM, PageMemory, dst_digests, locate, merge_src_digests,
-                          mismatches, plan_pieces, pieces_from, src_digests)
+from .._errors import HandshakeError, IntegrityError, StaleHandshakeError, TransferError
+from .._integrity import (DIGEST_ALGORITHM, PageMemory, digest_bytes, dst_digests, locate,
+                          merge_src_digests, mismatches, plan_pieces, pieces_from, src_digests)
 from .._plan import plan_reads
 from ._handshake import spec_fingerprint
 from ._sidechannel import _recv_exact
@@ -77,8 +77,8 @@ def page_memory(endpoint: Any) -> PageMemory:
 
 def _ints(value: object, name: str, limit: int) -> list[int]:
     if not isinstance(value, list) or len(value) > limit or not all(
-            type(v) is int for v in value):
-        raise ValueError(f"`{name}` must be a list of at most {limit} ints")
+            type(v) is int and -(1 << 62) < v < 1 << 62 for v in value):
+        raise ValueError(f"`{name}` must be a list of at most {limit} ints of at most 62 bits")
     return value
 
 
@@ -138,7 +138,7 @@ def answer_integrity(endpoint: Any, conn: socket.socket) -> None:
             raise ValueError(f"request of {length} bytes exceeds {MAX_REQUEST_NBYTES}")
         request = json.loads(_recv_exact(conn, length).decode("utf-8"))
         header, raw = _answer(endpoint, request)
-    except (ValueError, TypeError, KeyError, RecursionError, SsmSplitError) as error:
+    except Exception as error:  # a peer's request must never kill the side channel thread
         header, raw = {"ok": False, "kind": "refused", "error": f"{type(error).__name__}: {error}"}, b""
     encoded = json.dumps(header).encode()
     conn.sendall(_LENGTH.pack(len(encoded)) + encoded + _LENGTH.pack(len(raw)) + raw)
@@ -267,7 +267,7 @@ class Guard:
         layers = expansion.layers.tolist()
         expected = None
         if self.integrity:
-            common = {"generation": None, "fingerprint": spec_fingerprint(reader.endpoint.spec),
+            common = {"fingerprint": spec_fingerprint(reader.endpoint.spec),
                       "dst_tp": reader.endpoint.tp, "dst_rank": reader.endpoint.rank}
             per_rank = {}
             for rank in plan.src_ranks:
@@ -298,11 +298,11 @@ class Guard:
 
     def _verify(self, plan, expected, pairs, row_ids, layers, ids, deadline) -> None:
         reader = self.reader
-        received = dst_digests(plan, page_memory(reader.endpoint), pairs[:, 1], layers)
-        bad = mismatches(expected, received)
+        dst_memory = page_memory(reader.endpoint)
+        bad = mismatches(expected, dst_digests(plan, dst_memory, pairs[:, 1], layers))
         if not bad.size:
             return
-        pieces, dst_memory = plan_pieces(plan), page_memory(reader.endpoint)
+        pieces = plan_pieces(plan)
         shown = bad[:MAX_LOCATED_PIECES].tolist()
         truth: dict[tuple[int, int, int], np.ndarray] = {}
         for rank in sorted({pieces[j].src_rank for _, _, j in shown}):
@@ -323,8 +323,7 @@ class Guard:
         for i, n, j in shown:
             piece, want = pieces[j], truth.get((i, n, j))
             got = dst_memory.page(layers[i], int(pairs[n, 1]))[piece.dst_offset: piece.dst_offset + piece.nbytes]
-            src_digest = expected[i, n, j]
-            if want is not None and _has_digest(want, src_digest):
+            if want is not None and digest_bytes(np.ascontiguousarray(want)) == int(expected[i, n, j]):
                 found = locate(plan, j, request=row_ids[n], layer=layers[i], src_block=int(pairs[n, 0]),
                                dst_block=int(pairs[n, 1]), expected=want, received=got)
             else:  # the src's bytes changed since it digested them, or could not be fetched
@@ -350,13 +349,6 @@ class Guard:
                 raise TransferError(f"The bytes arrived intact, but the read-done notification "
                                     f"to src rank {rank} failed: {type(error).__name__}: {error}",
                                     request=_label(ids), peer=peer.agent_name) from error
-
-
-def _has_digest(data: np.ndarray, digest: np.uint64) -> bool:
-    """True when `data` (one piece's bytes) has digest `digest`."""
-    from .._integrity import _digest
-
-    return _digest(np.ascontiguousarray(data)) == int(digest)
 
 
 def _label(ids: tuple[str, ...]) -> str:

@@ -281,6 +281,8 @@ def _good(source, **changes) -> dict:
     (lambda s: framed(_good(s, layers=[0] * 70000)), "refused"),
     (lambda s: framed(_good(s, layers=[0] * 4096, src_blocks=[0] * 4096)), "refused"),
     (lambda s: framed(_good(s, src_blocks="0")), "refused"),
+    (lambda s: framed(_good(s, src_blocks=[2 ** 70])), "refused"),
+    (lambda s: framed(_good(s, layers=[0.0])), "refused"),
     (lambda s: framed(_good(s, op="bytes", items=[[0, 7, 99]])), "refused"),
     (lambda s: framed(_good(s, op="bytes", items=[[0, 7]])), "refused"),
     (lambda s: framed(_good(s, op="bytes", items=[[0, 70, 0]])), "refused"),
