@@ -1,11 +1,21 @@
-"""A src engine in its own process, for two-process tests (started with `spawn`).
+"""A src engine in its own process (started with `spawn`), which tests can also hurt:
+stop, continue, kill, or make it deregister and re-use its pages.
 
-It builds every src rank of a `Case` from the reference model, serves each handshake on
-loopback and sends the addresses to the test over a pipe; then it answers commands:
+It builds every src rank of a `_cluster.Case`, serves each handshake on loopback and
+sends the addresses and agent names to the test over a pipe; then it answers commands:
 
 - `("wait", request_ids, counts)`: wait until src rank r saw `counts[r]` notifications
   for each id; answers `("waited", [reads_done per rank for the first id])`;
 - `("reregister", rank)`: deregister and re-register that rank's pages (generation +2);
+  answers `("reregistered", generation)`;
+- `("deregister", rank, reuse_byte)`: deregister that rank's pages; if `reuse_byte` is
+  not None, then overwrite them with it, as an engine re-using freed memory would;
+  answers `("deregistered", generation)`;
+- `("register", rank)`: put the rank's pages back, register them again; answers
+  `("registered", generation)`;
+- `("notified", request_id)`: poll notifications; answers `("notified", [count per rank])`;
+- `("counts",)`: poll notifications; answers `("counts", ([{request_id: count} per rank],
+  foreign notifications))`;
 - `("stop",)`: close and exit.
 
 Only the pipe's small control messages and what NIXL and the side channel carry cross
@@ -16,7 +26,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
+import time
 import traceback
+
+import numpy as np
 
 
 def _on_device(memory, device: str):
@@ -26,6 +40,49 @@ def _on_device(memory, device: str):
 
     tensor = torch.from_numpy(memory).to(device)
     return tensor, int(tensor.data_ptr())
+
+
+def _overwrite(memory, host) -> None:
+    """Copy host bytes (a numpy array) or one byte value into numpy or torch memory."""
+    if isinstance(host, int) or isinstance(memory, np.ndarray):
+        memory[:] = host
+    else:
+        import torch
+
+        memory.copy_(torch.from_numpy(host))
+
+
+def _answer(command, endpoints, memories, host_pages) -> tuple:
+    """The reply to one command (see the module docstring)."""
+    kind = command[0]
+    if kind == "wait":
+        _, request_ids, counts = command
+        for endpoint, count in zip(endpoints, counts):
+            for request_id in request_ids:
+                endpoint.wait_for_reads(request_id, count, timeout_s=20)
+        return "waited", [e.reads_done(request_ids[0]) for e in endpoints]
+    if kind == "reregister":
+        endpoints[command[1]].deregister()
+        endpoints[command[1]].register()
+        return "reregistered", endpoints[command[1]].generation
+    if kind == "deregister":
+        _, rank, reuse = command
+        endpoints[rank].deregister()
+        if reuse is not None:
+            _overwrite(memories[rank], reuse)
+        return "deregistered", endpoints[rank].generation
+    if kind == "register":
+        _overwrite(memories[command[1]], host_pages(command[1]))
+        endpoints[command[1]].register()
+        return "registered", endpoints[command[1]].generation
+    for endpoint in endpoints:
+        endpoint.poll_notifications()
+    if kind == "notified":
+        return "notified", [e.reads_done(command[1]) for e in endpoints]
+    if kind == "counts":
+        return "counts", ([dict(e._reads_done) for e in endpoints],
+                          sum(len(e.foreign_notifications) for e in endpoints))
+    raise ValueError(f"unknown command {command!r}")
 
 
 def serve_src(case, conn, device: str = "cpu", fill: str = "reference", ucx_params=None) -> None:
@@ -40,28 +97,21 @@ def serve_src(case, conn, device: str = "cpu", fill: str = "reference", ucx_para
 
         from ._cluster import random_src_memory
 
-        memories = []
-        for rank in range(case.src_tp):
-            host = case.src_memory(rank) if fill == "reference" else random_src_memory(case, rank)
-            memories.append(_on_device(host, device))  # CUDA context before any agent
+        def host_pages(rank: int):
+            return case.src_memory(rank) if fill == "reference" else random_src_memory(case, rank)
+
+        # memory first: on a GPU the CUDA context must exist before any agent
+        placed = [_on_device(host_pages(rank), device) for rank in range(case.src_tp)]
+        memories = [memory for memory, _ in placed]
         endpoints = [Endpoint(case.spec, tp=case.src_tp, rank=r, memory=[m],
                               regions=case.regions("src", addr), ucx_params=ucx_params)
-                     for r, (m, addr) in enumerate(memories)]
-        conn.send(("ready", [e.serve("127.0.0.1", 0) for e in endpoints]))
+                     for r, (m, addr) in enumerate(placed)]
+        conn.send(("ready", ([e.serve("127.0.0.1", 0) for e in endpoints], [e.name for e in endpoints])))
         while True:
             command = conn.recv()
             if command[0] == "stop":
                 break
-            if command[0] == "wait":
-                _, request_ids, counts = command
-                for endpoint, count in zip(endpoints, counts):
-                    for request_id in request_ids:
-                        endpoint.wait_for_reads(request_id, count, timeout_s=20)
-                conn.send(("waited", [e.reads_done(request_ids[0]) for e in endpoints]))
-            elif command[0] == "reregister":
-                endpoints[command[1]].deregister()
-                endpoints[command[1]].register()
-                conn.send(("reregistered", endpoints[command[1]].generation))
+            conn.send(_answer(command, endpoints, memories, host_pages))
         for endpoint in endpoints:
             endpoint.close()
     except BaseException:
@@ -71,11 +121,36 @@ def serve_src(case, conn, device: str = "cpu", fill: str = "reference", ucx_para
         conn.close()
 
 
-class SrcEngine:
-    """The test side of `serve_src`: starts the process, talks to it, stops it.
+def stop_process(pid: int, *, timeout_s: float = 10.0) -> None:
+    """SIGSTOP `pid` and wait until every thread of it is stopped (state T in
+    `/proc/<pid>/task/*/stat`). A signal is delivered asynchronously: right after `kill`
+    returns, threads of the process may still serve a READ for a while."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout_s
+    while not all(_thread_state(pid, task) in "Tt" for task in os.listdir(f"/proc/{pid}/task")):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} did not stop within {timeout_s} s")
+        time.sleep(0.001)
 
-    Args: as `serve_src` (`case`, `device`, `fill`, `ucx_params`); `start_timeout_s` bounds start-up
-    (building pages of large cases takes a while).
+
+def _thread_state(pid: int, task: str) -> str:
+    try:
+        with open(f"/proc/{pid}/task/{task}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except OSError:  # the thread exited
+        return "T"
+
+
+class SrcEngine:
+    """The test side of `serve_src`: starts the process, talks to it, hurts it, stops it.
+
+    Args: as `serve_src` (`case`, `device`, `fill`, `ucx_params`); `start_timeout_s`
+    bounds start-up (building pages of large cases takes a while).
+
+    Attributes:
+        addresses: each src rank's side channel `(host, port)`.
+        names: each src rank's NIXL agent name.
+        proc: the process.
     """
 
     def __init__(self, case, device: str = "cpu", fill: str = "reference",
@@ -86,7 +161,8 @@ class SrcEngine:
                                 daemon=True)
         self.proc.start()
         child.close()
-        self.addresses = self.ask(None, "ready", timeout_s=start_timeout_s)
+        addresses, self.names = self.ask(None, "ready", timeout_s=start_timeout_s)
+        self.addresses = [tuple(a) for a in addresses]
 
     def ask(self, command, expect: str, timeout_s: float = 60):
         """Send `command` (unless None) and return the payload of the `expect` answer."""
@@ -100,16 +176,28 @@ class SrcEngine:
         assert kind == expect, (kind, expect)
         return payload
 
+    def pause(self, timeout_s: float = 10.0) -> None:
+        """Stop the process (`stop_process`): alive, holding its connections, answering
+        nothing."""
+        stop_process(self.proc.pid, timeout_s=timeout_s)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join()
+
     def stop(self) -> None:
         if self.proc.is_alive():
             try:
+                os.kill(self.proc.pid, signal.SIGCONT)
                 self.conn.send(("stop",))
             except OSError:
                 pass
-        self.proc.join(timeout=30)
+            self.proc.join(timeout=30)
         if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
+            self.kill()
 
     def __enter__(self) -> "SrcEngine":
         return self

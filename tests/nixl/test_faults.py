@@ -8,7 +8,7 @@ same dst endpoint at the same time, and pages received before), never report the
 batch as received (`PendingRead.status`, and no read-done notification to the src),
 and the reader must work again once closed and re-created.
 
-The victim src runs in its own process (`_faulty_src.FaultySrc`). Where a READ must be
+The victim src runs in its own process (`_peer.SrcEngine`). Where a READ must be
 in flight long enough to hurt it, the victim uses UCX's tcp transport: there a READ is
 served by the src process's UCX worker (about 1-2 GB/s here), while the default cma
 transport copies the whole READ inside the post call, before anything can interrupt it.
@@ -30,7 +30,7 @@ from ssm_split.nixl_backend import Endpoint, Reader, fetch_handshake_bytes  # no
 from ssm_split.reference import shard  # noqa: E402
 
 from ._cluster import DST_FILL, Case  # noqa: E402
-from ._faulty_src import FaultySrc  # noqa: E402
+from ._peer import SrcEngine  # noqa: E402
 
 pytestmark = pytest.mark.nixl
 
@@ -47,7 +47,7 @@ BEFORE, REST = VICTIM.pairs_array[:1], VICTIM.pairs_array[1:]
 
 @pytest.fixture(scope="module")
 def healthy():
-    with FaultySrc(HEALTHY) as src:
+    with SrcEngine(HEALTHY) as src:
         yield src
 
 
@@ -59,7 +59,7 @@ def dst():
     endpoint.close()
 
 
-def reader(endpoint: Endpoint, src: FaultySrc, **options) -> Reader:
+def reader(endpoint: Endpoint, src: SrcEngine, **options) -> Reader:
     r = Reader(endpoint, **options)
     for address in src.addresses:
         r.connect_to(*address)
@@ -85,7 +85,7 @@ def assert_untouched(memory: np.ndarray, used_dst_blocks) -> None:
             assert (page(memory, layer, block) == DST_FILL).all(), (layer, block)
 
 
-def notified(src: FaultySrc, request_id: str, count: int, timeout_s: float = 10) -> int:
+def notified(src: SrcEngine, request_id: str, count: int, timeout_s: float = 10) -> int:
     """Poll the src until `request_id` was reported read `count` times (or time runs out);
     returns the count seen."""
     deadline = time.monotonic() + timeout_s
@@ -104,7 +104,7 @@ def assert_failed(pending, error, *, request: str, peer: str, started: float, de
         pending.poll()  # stays failed; never turns into a success
 
 
-def healthy_read(endpoint: Endpoint, src: FaultySrc):
+def healthy_read(endpoint: Endpoint, src: SrcEngine):
     """Start the healthy engine's batch through the same dst endpoint."""
     r = reader(endpoint, src)
     return r, r.start_read(HEALTHY.pairs_array, HEALTHY.request_ids, timeout_s=30)
@@ -112,7 +112,7 @@ def healthy_read(endpoint: Endpoint, src: FaultySrc):
 
 def test_src_killed_mid_transfer(healthy, dst):
     endpoint, memory = dst
-    with FaultySrc(VICTIM, ucx_params=TCP) as victim:
+    with SrcEngine(VICTIM, ucx_params=TCP) as victim:
         ra = reader(endpoint, victim)
         ra.read(BEFORE, "before")
         rb, other = healthy_read(endpoint, healthy)  # posted first, checked after the kill
@@ -132,7 +132,7 @@ def test_src_killed_mid_transfer(healthy, dst):
     assert_received(memory, VICTIM, [0])
     assert_received(memory, HEALTHY, range(2))
     assert_untouched(memory, [p[1] for p in VICTIM.pairs + HEALTHY.pairs])
-    with FaultySrc(VICTIM) as restarted:  # a new reader, a new src process
+    with SrcEngine(VICTIM) as restarted:  # a new reader, a new src process
         with reader(endpoint, restarted) as again:
             again.read(VICTIM.pairs_array, "again")
     assert_received(memory, VICTIM, range(32))
@@ -140,7 +140,7 @@ def test_src_killed_mid_transfer(healthy, dst):
 
 def test_src_that_never_answers_a_read_misses_the_deadline(healthy, dst):
     endpoint, memory = dst
-    with FaultySrc(VICTIM, ucx_params=TCP) as victim:
+    with SrcEngine(VICTIM, ucx_params=TCP) as victim:
         ra = reader(endpoint, victim)
         ra.read(BEFORE, "before")
         victim.pause()  # alive, holds its connections, answers nothing
@@ -169,7 +169,7 @@ def test_src_that_never_answers_a_read_misses_the_deadline(healthy, dst):
 
 def test_deadline_passes_while_a_slow_src_is_still_sending(dst):
     endpoint, memory = dst
-    with FaultySrc(VICTIM, ucx_params=TCP) as slow:
+    with SrcEngine(VICTIM, ucx_params=TCP) as slow:
         ra = reader(endpoint, slow)
         ra.read(BEFORE, "before")
         deadline_s, started = 0.002, time.monotonic()  # 31 MiB cannot arrive in 2 ms over tcp
@@ -209,7 +209,7 @@ def test_side_channel_that_never_answers():
 
 def test_stopped_src_in_integrity_mode_fails_before_reading(healthy, dst):
     endpoint, memory = dst
-    with FaultySrc(VICTIM) as victim:
+    with SrcEngine(VICTIM) as victim:
         ra = reader(endpoint, victim, integrity=True)
         ra.read(BEFORE, "before")
         victim.pause()  # its side channel stops answering too
@@ -235,7 +235,7 @@ def test_stopped_src_in_integrity_mode_fails_before_reading(healthy, dst):
 
 def test_src_deregisters_and_reuses_its_pages(healthy, dst):
     endpoint, memory = dst
-    with FaultySrc(VICTIM) as src:
+    with SrcEngine(VICTIM) as src:
         ra = reader(endpoint, src)
         unchecked = reader(endpoint, src, check_generation=False)
         ra.read(BEFORE, "before")
@@ -267,7 +267,7 @@ def test_src_deregisters_and_reuses_its_pages(healthy, dst):
 
 def test_src_deregisters_while_a_read_is_in_flight(dst):
     endpoint, memory = dst
-    with FaultySrc(VICTIM, ucx_params=TCP) as src:
+    with SrcEngine(VICTIM, ucx_params=TCP) as src:
         ra = reader(endpoint, src)
         ra.read(BEFORE, "before")
         deadline_s, started = 10.0, time.monotonic()
@@ -288,7 +288,7 @@ def test_src_deregisters_while_a_read_is_in_flight(dst):
 
 def test_reads_into_blocks_still_being_written_are_refused(dst):
     endpoint, memory = dst
-    with FaultySrc(VICTIM) as src:
+    with SrcEngine(VICTIM) as src:
         with reader(endpoint, src) as ra:
             first = ra.start_read(REST[:3], "first", layers=[0])  # not polled: in flight
             with pytest.raises(PlanError, match="dst block 2 is being written by batch 'first', "

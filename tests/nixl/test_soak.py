@@ -33,7 +33,7 @@ from ssm_split.nixl_backend import Endpoint, Reader  # noqa: E402
 from ssm_split.reference import shard  # noqa: E402
 
 from ._cluster import DST_FILL, Case  # noqa: E402
-from ._faulty_src import FaultySrc  # noqa: E402
+from ._peer import SrcEngine  # noqa: E402
 
 pytestmark = pytest.mark.nixl
 
@@ -70,7 +70,7 @@ class DstRank:
     in_flight: list = field(default_factory=list)  # (PendingRead, [(request id, state, block)])
 
 
-def make_dst(pair: int, case: Case, rank: int, src: FaultySrc, integrity: bool, rng) -> DstRank:
+def make_dst(pair: int, case: Case, rank: int, src: SrcEngine, integrity: bool, rng) -> DstRank:
     page_nbytes = case.page_nbytes("dst")
     memory = np.full(LAYERS * DST_BLOCKS * page_nbytes, DST_FILL, np.uint8)
     regions = RegionSet.packed(memory.ctypes.data, num_layers=LAYERS, num_blocks=DST_BLOCKS,
@@ -110,7 +110,7 @@ def check_and_free(dst: DstRank, batch, poison: int) -> int:
 def test_soak_thousands_of_requests_many_in_flight_mixed_tp():
     rng = np.random.default_rng(7)
     started = time.monotonic()
-    sources = [FaultySrc(case, ucx_params=params) for case, params, _ in PAIRS]
+    sources = [SrcEngine(case, ucx_params=params) for case, params, _ in PAIRS]
     dsts: list[DstRank] = []
     try:
         for pair, ((case, _, integrity), src) in enumerate(zip(PAIRS, sources)):

@@ -4,8 +4,6 @@ through its side channel's TCP address only; the dst ranks run in the test proce
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
 
 import numpy as np
 import pytest
@@ -114,13 +112,18 @@ def test_a_src_that_never_answers_misses_the_deadline_and_the_reader_recovers():
         try:
             reader.connect_to(*engine.addresses[0])
             reader.warm_up()
-            os.kill(engine.proc.pid, signal.SIGSTOP)
+            engine.pause()  # every thread stopped before the READ is posted
             try:
+                stuck = reader.start_read(case.pairs_array, "stuck", timeout_s=1.0)
                 with pytest.raises(TransferError, match="did not complete before the deadline") as info:
-                    reader.read(case.pairs_array, "stuck", timeout_s=1.0)
+                    stuck.wait()
                 assert info.value.peer == reader.peers[0].agent_name
+                assert stuck.status == "failed"
             finally:
-                os.kill(engine.proc.pid, signal.SIGCONT)
+                engine.resume()
+            # the abandoned READ is served once the src runs again: its dst blocks are
+            # refused until NIXL reports it finished
+            assert stuck.wait_settled(timeout_s=20)
             memory[:] = case.dst_memory()
             reader.read(case.pairs_array, "retry", timeout_s=20)
             assert np.array_equal(memory, case.expected_dst(0))
