@@ -41,6 +41,12 @@ from ._plan import Plan as Plan
 from ._plan import Read as Read
 from ._plan import plan_all as plan_all
 from ._plan import plan_reads as plan_reads
+from ._prepared import DescriptorTable as DescriptorTable
+from ._prepared import IndexedBatch as IndexedBatch
+from ._prepared import RankIndices as RankIndices
+from ._prepared import RankTables as RankTables
+from ._prepared import index_batch as index_batch
+from ._prepared import prepare_tables as prepare_tables
 from ._presets import ModelInfo as ModelInfo
 from ._presets import model as model
 from ._presets import models as models

@@ -33,159 +33,12 @@ import numpy as np
 
 from ._errors import BlockRangeError, PlanError
 from ._plan import Plan
+from ._regions import Buffer, LayerRegion, RegionSet
 
-__all__ = ["Buffer", "LayerRegion", "RegionSet", "RankDescriptors", "Expansion", "expand_plan"]
+__all__ = ["Buffer", "LayerRegion", "RegionSet", "RankDescriptors", "RankedBatch", "Expansion",
+           "check_batch", "expand_plan"]
 
 _U64 = np.uint64
-
-
-def _check_int(owner: str, name: str, value: object, minimum: int = 0) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise PlanError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}.")
-
-
-@dataclass(frozen=True, slots=True)
-class Buffer:
-    """One registered memory buffer: `nbytes` bytes at `addr` on device `device_id`
-    (0 for host memory). NIXL descriptors never cross a buffer's bounds."""
-
-    addr: int
-    nbytes: int
-    device_id: int = 0
-
-    def __post_init__(self) -> None:
-        _check_int("Buffer", "addr", self.addr)
-        _check_int("Buffer", "nbytes", self.nbytes, 1)
-        _check_int("Buffer", "device_id", self.device_id)
-
-    @property
-    def end(self) -> int:
-        return self.addr + self.nbytes
-
-
-@dataclass(frozen=True, slots=True)
-class LayerRegion:
-    """Where one layer's pages live on one rank.
-
-    The page of block `b` is the `page_nbytes` bytes at
-    `base_addr + b * page_stride_nbytes`, for `b` in `[0, num_blocks)`; it lies inside
-    buffer number `buffer` of the enclosing `RegionSet`. `page_nbytes` is the whole page
-    (content and padding); `page_stride_nbytes >= page_nbytes` unless there is one block.
-    """
-
-    base_addr: int
-    page_nbytes: int
-    page_stride_nbytes: int
-    num_blocks: int
-    buffer: int = 0
-
-    def __post_init__(self) -> None:
-        _check_int("LayerRegion", "base_addr", self.base_addr)
-        _check_int("LayerRegion", "page_nbytes", self.page_nbytes, 1)
-        _check_int("LayerRegion", "page_stride_nbytes", self.page_stride_nbytes, 1)
-        _check_int("LayerRegion", "num_blocks", self.num_blocks, 1)
-        _check_int("LayerRegion", "buffer", self.buffer)
-        if self.num_blocks > 1 and self.page_stride_nbytes < self.page_nbytes:
-            raise PlanError(
-                f"LayerRegion: pages of {self.page_nbytes} bytes spaced "
-                f"{self.page_stride_nbytes} bytes apart overlap. The page stride must be "
-                f">= the page size."
-            )
-
-    @property
-    def extent_nbytes(self) -> int:
-        """Bytes from the first page's start to the last page's end."""
-        return (self.num_blocks - 1) * self.page_stride_nbytes + self.page_nbytes
-
-
-@dataclass(frozen=True, slots=True)
-class RegionSet:
-    """One rank's state memory: one `LayerRegion` per layer, and the buffers holding them.
-
-    Attributes:
-        layers: per layer (index = layer id), where its pages are.
-        buffers: the registered buffers; every layer's pages lie inside
-            `buffers[layer.buffer]`. A layer's device is its buffer's device.
-    """
-
-    layers: tuple[LayerRegion, ...]
-    buffers: tuple[Buffer, ...]
-
-    def __post_init__(self) -> None:
-        for name, kind in (("layers", LayerRegion), ("buffers", Buffer)):
-            value = getattr(self, name)
-            if not isinstance(value, tuple) or not value or not all(isinstance(v, kind) for v in value):
-                raise PlanError(
-                    f"RegionSet.{name} must be a non-empty tuple of {kind.__name__}, got {value!r}."
-                )
-        for index, layer in enumerate(self.layers):
-            if layer.buffer >= len(self.buffers):
-                raise PlanError(
-                    f"RegionSet: layer {index} names buffer {layer.buffer}, but there are "
-                    f"only {len(self.buffers)} buffers."
-                )
-            buffer = self.buffers[layer.buffer]
-            if layer.base_addr < buffer.addr or layer.base_addr + layer.extent_nbytes > buffer.end:
-                raise PlanError(
-                    f"RegionSet: layer {index}'s pages [{layer.base_addr:#x}, "
-                    f"{layer.base_addr + layer.extent_nbytes:#x}) leave buffer {layer.buffer} "
-                    f"[{buffer.addr:#x}, {buffer.end:#x}). Describe memory that was registered."
-                )
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    def device_id(self, layer: int) -> int:
-        """The device holding `layer`'s pages."""
-        return self.buffers[self.layers[layer].buffer].device_id
-
-    def page_addr(self, layer: int, block: int) -> int:
-        """Address of the page of `block` in `layer` (no range check)."""
-        region = self.layers[layer]
-        return region.base_addr + block * region.page_stride_nbytes
-
-    def columns(self) -> dict[str, np.ndarray]:
-        """Per-layer fields as uint64 arrays of shape `(num_layers,)`: `base_addr`,
-        `page_nbytes`, `page_stride_nbytes`, `num_blocks`, `buffer`, `device_id`."""
-        rows = [(r.base_addr, r.page_nbytes, r.page_stride_nbytes, r.num_blocks, r.buffer,
-                 self.buffers[r.buffer].device_id) for r in self.layers]
-        table = np.array(rows, dtype=_U64).reshape(len(rows), 6)
-        names = ("base_addr", "page_nbytes", "page_stride_nbytes", "num_blocks", "buffer", "device_id")
-        return {name: table[:, i] for i, name in enumerate(names)}
-
-    @classmethod
-    def packed(cls, base_addr: int, *, num_layers: int, num_blocks: int, page_nbytes: int,
-               order: str = "layer", device_id: int = 0) -> "RegionSet":
-        """Every layer's pages in one buffer of `num_layers * num_blocks * page_nbytes`
-        bytes at `base_addr`.
-
-        `order="layer"`: layer-major, `[layer 0: b0 b1 ...][layer 1: b0 b1 ...]...`, as
-        vLLM lays out one tensor per layer. `order="block"`: block-major, `[b0: layer 0,
-        layer 1, ...][b1: ...]`, so one read can cover the pages of many layers.
-        """
-        for name, value in (("num_layers", num_layers), ("num_blocks", num_blocks),
-                            ("page_nbytes", page_nbytes)):
-            _check_int("RegionSet.packed", name, value, 1)
-        if order == "layer":
-            layer_step, stride = num_blocks * page_nbytes, page_nbytes
-        elif order == "block":
-            layer_step, stride = page_nbytes, num_layers * page_nbytes
-        else:
-            raise PlanError(f"RegionSet.packed: order must be \"layer\" or \"block\", got {order!r}.")
-        layers = tuple(LayerRegion(base_addr + layer * layer_step, page_nbytes, stride, num_blocks)
-                       for layer in range(num_layers))
-        return cls(layers, (Buffer(base_addr, num_layers * num_blocks * page_nbytes, device_id),))
-
-    @classmethod
-    def per_layer(cls, base_addrs: Sequence[int], *, num_blocks: int, page_nbytes: int,
-                  device_id: int = 0) -> "RegionSet":
-        """One buffer per layer (`num_blocks` back-to-back pages at `base_addrs[layer]`),
-        as when every layer's state is its own tensor. Nothing merges across layers."""
-        layers = tuple(LayerRegion(addr, page_nbytes, page_nbytes, num_blocks, buffer=i)
-                       for i, addr in enumerate(base_addrs))
-        buffers = tuple(Buffer(addr, num_blocks * page_nbytes, device_id) for addr in base_addrs)
-        return cls(layers, buffers)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -215,21 +68,12 @@ class RankDescriptors:
         return int(self.dst_descs[:, 1].sum())
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class Expansion:
-    """A plan expanded over a batch: one `RankDescriptors` per src rank read from.
+class RankedBatch:
+    """What `Expansion` and `IndexedBatch` share: a batch's per-src-rank parts in
+    `ranks`, each with `src_rank`, `n_reads`, `n_descriptors` and `nbytes`."""
 
-    Attributes:
-        plan: the dst rank's plan.
-        block_pairs: shape `(N, 2)` int64 `(src_block, dst_block)`, sorted by dst block.
-        layers: shape `(m,)` int64, the layers moved.
-        ranks: by ascending src rank; a src rank the plan does not read from is absent.
-    """
-
-    plan: Plan
-    block_pairs: np.ndarray
-    layers: np.ndarray
-    ranks: tuple[RankDescriptors, ...]
+    __slots__ = ()
+    ranks: tuple
 
     @property
     def n_reads(self) -> int:
@@ -243,12 +87,29 @@ class Expansion:
     def nbytes(self) -> int:
         return sum(r.nbytes for r in self.ranks)
 
-    def for_rank(self, src_rank: int) -> RankDescriptors:
+    def for_rank(self, src_rank: int):
         for r in self.ranks:
             if r.src_rank == src_rank:
                 return r
         raise PlanError(f"The plan reads nothing from src rank {src_rank}; it reads from "
                         f"{[r.src_rank for r in self.ranks]}.")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Expansion(RankedBatch):
+    """A plan expanded over a batch: one `RankDescriptors` per src rank read from.
+
+    Attributes:
+        plan: the dst rank's plan.
+        block_pairs: shape `(N, 2)` int64 `(src_block, dst_block)`, sorted by dst block.
+        layers: shape `(m,)` int64, the layers moved.
+        ranks: by ascending src rank; a src rank the plan does not read from is absent.
+    """
+
+    plan: Plan
+    block_pairs: np.ndarray
+    layers: np.ndarray
+    ranks: tuple[RankDescriptors, ...]
 
 
 SrcRegions = Union[Mapping[int, RegionSet], Sequence[RegionSet]]
@@ -320,6 +181,42 @@ def _check_side(side: str, cols: dict[str, np.ndarray], layer_ids: np.ndarray,
         )
 
 
+def check_batch(plan: Plan, src_regions: SrcRegions, dst_regions: RegionSet, block_pairs: object,
+                layers: object = None) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a batch for `plan` between these regions (shared by `expand_plan` and the
+    prepared-once path, `ssm_split._prepared`).
+
+    Returns:
+        `(pairs, layer_ids)`: the pairs as a read-only `(N, 2)` int64 array sorted by dst
+        block, and the layers to move as a read-only `(m,)` int64 array.
+
+    Raises:
+        BlockRangeError: a block id or layer lies outside a side's registered regions.
+        PlanError: malformed arguments, a page smaller than the plan's content, a
+            repeated dst block, or src regions missing for a rank the plan reads from.
+    """
+    if not isinstance(plan, Plan):
+        raise PlanError(f"plan must be a Plan (from plan_reads), got {type(plan).__name__}.")
+    if not isinstance(dst_regions, RegionSet):
+        raise PlanError(f"dst_regions must be a RegionSet, got {type(dst_regions).__name__}.")
+    src_map = _src_region_map(plan, src_regions)
+    pairs = _check_pairs(block_pairs)
+    sides = [("dst", dst_regions)] + [(f"src rank {r}", src_map[r]) for r in plan.src_ranks]
+    layer_ids = _check_layers(layers, sides)
+    _check_side("dst", dst_regions.columns(), layer_ids, pairs[:, 1], plan.dst_content_nbytes)
+    for src_rank in plan.src_ranks:
+        _check_side(f"src rank {src_rank}", src_map[src_rank].columns(), layer_ids, pairs[:, 0],
+                    plan.src_content_nbytes)
+    pairs = pairs[np.argsort(pairs[:, 1], kind="stable")]
+    if pairs.shape[0] > 1 and bool(np.any(pairs[1:, 1] == pairs[:-1, 1])):
+        dup = int(pairs[1:, 1][pairs[1:, 1] == pairs[:-1, 1]][0])
+        raise PlanError(f"dst block {dup} appears twice in block_pairs: each request needs "
+                        f"its own dst block.")
+    pairs.flags.writeable = False
+    layer_ids.flags.writeable = False
+    return pairs, layer_ids
+
+
 def _page_order(dst_grid: np.ndarray) -> tuple[str, np.ndarray | None]:
     """How to walk the `(m, N)` grid of dst page addresses in ascending order."""
     flat = dst_grid.ravel()
@@ -357,7 +254,20 @@ def _check_dst_overlap(dst_pages: np.ndarray, dst_page_nbytes: np.ndarray) -> No
             )
 
 
-def _merged_reads(plan: Plan, src_rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def check_pages(side: str, regions: RegionSet, layer_ids: np.ndarray, content_nbytes: int) -> None:
+    """`PlanError` if a page of one of `layer_ids` is smaller than `content_nbytes`."""
+    _check_side(side, regions.columns(), layer_ids, np.empty(0, np.int64), content_nbytes)
+
+
+def check_dst_overlap(dst_regions: RegionSet, page_layers: np.ndarray, page_blocks: np.ndarray) -> None:
+    """`PlanError` if two of the dst pages `(page_layers[i], page_blocks[i])` overlap."""
+    cols = dst_regions.columns()
+    pages = cols["base_addr"][page_layers] + cols["page_stride_nbytes"][page_layers] * page_blocks.astype(_U64)
+    order = np.argsort(pages, kind="stable")
+    _check_dst_overlap(pages[order], cols["page_nbytes"][page_layers][order])
+
+
+def merged_reads(plan: Plan, src_rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The plan's reads from `src_rank` by dst offset, merged where contiguous on both
     sides: `(src_offset, dst_offset, nbytes)` as uint64 arrays of shape `(k,)`."""
     runs: list[list[int]] = []
@@ -444,24 +354,9 @@ def expand_plan(plan: Plan, src_regions: SrcRegions, dst_regions: RegionSet,
     begins, but on the src side `T1` follows `T0`, so the runs are not contiguous there.
     With equal TP the single whole-content read per page merges across blocks and layers.
     """
-    if not isinstance(plan, Plan):
-        raise PlanError(f"plan must be a Plan (from plan_reads), got {type(plan).__name__}.")
-    if not isinstance(dst_regions, RegionSet):
-        raise PlanError(f"dst_regions must be a RegionSet, got {type(dst_regions).__name__}.")
+    pairs, layer_ids = check_batch(plan, src_regions, dst_regions, block_pairs, layers)
     src_map = _src_region_map(plan, src_regions)
-    pairs = _check_pairs(block_pairs)
-    sides = [("dst", dst_regions)] + [(f"src rank {r}", src_map[r]) for r in plan.src_ranks]
-    layer_ids = _check_layers(layers, sides)
     dst_cols = dst_regions.columns()
-    _check_side("dst", dst_cols, layer_ids, pairs[:, 1], plan.dst_content_nbytes)
-    pairs = pairs[np.argsort(pairs[:, 1], kind="stable")]
-    if pairs.shape[0] > 1 and bool(np.any(pairs[1:, 1] == pairs[:-1, 1])):
-        dup = int(pairs[1:, 1][pairs[1:, 1] == pairs[:-1, 1]][0])
-        raise PlanError(f"dst block {dup} appears twice in block_pairs: each request needs "
-                        f"its own dst block.")
-    pairs.flags.writeable = False
-    layer_ids.flags.writeable = False
-
     dst_grid = _grid(dst_cols, layer_ids, pairs[:, 1])
     order, perm = _page_order(dst_grid)
     dst_pages = _walk(dst_grid, order, perm)
@@ -474,8 +369,7 @@ def expand_plan(plan: Plan, src_regions: SrcRegions, dst_regions: RegionSet,
     ranks = []
     for src_rank in plan.src_ranks:
         src_cols = src_map[src_rank].columns()
-        _check_side(f"src rank {src_rank}", src_cols, layer_ids, pairs[:, 0], plan.src_content_nbytes)
-        src_off, dst_off, lengths = _merged_reads(plan, src_rank)
+        src_off, dst_off, lengths = merged_reads(plan, src_rank)
         src_pages = _walk(_grid(src_cols, layer_ids, pairs[:, 0]), order, perm)
         src_buffer = src_cols["buffer"][page_layer]
         joinable = dst_joinable & (src_buffer[1:] == src_buffer[:-1])

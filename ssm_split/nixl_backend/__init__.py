@@ -27,10 +27,10 @@ if TYPE_CHECKING:
     from ._handshake import Handshake as Handshake
     from ._handshake import decode_handshake as decode_handshake
     from ._handshake import spec_fingerprint as spec_fingerprint
-    from ._reader import PendingRead as PendingRead
+    from ._pending import PendingRead as PendingRead
     from ._reader import Peer as Peer
     from ._reader import Reader as Reader
-    from ._reader import ReadStats as ReadStats
+    from ._pending import ReadStats as ReadStats
     from ._sidechannel import fetch_handshake_bytes as fetch_handshake_bytes
 
 _LAZY = {
@@ -40,10 +40,10 @@ _LAZY = {
     "Handshake": "._handshake",
     "decode_handshake": "._handshake",
     "spec_fingerprint": "._handshake",
-    "PendingRead": "._reader",
+    "PendingRead": "._pending",
     "Peer": "._reader",
     "Reader": "._reader",
-    "ReadStats": "._reader",
+    "ReadStats": "._pending",
     "fetch_handshake_bytes": "._sidechannel",
 }
 

@@ -221,6 +221,12 @@ class Endpoint:
     def registered(self) -> bool:
         return self._pages_reg is not None
 
+    @property
+    def scratch_memory(self) -> Any:
+        """The array or tensor behind `scratch`: `[0, 16)` magic + generation (read by
+        peers), `[16, 32)` where this endpoint lands its own warm-up reads."""
+        return self._scratch
+
     # --- handshake ----------------------------------------------------------------------
 
     def handshake(self) -> Handshake:

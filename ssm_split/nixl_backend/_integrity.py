@@ -256,15 +256,16 @@ class Guard:
                     f"or re-used. The batch is not received; fetch a new handshake "
                     f"(connect_to) and read again.", request=_label(ids), peer=peer.agent_name)
 
-    def prepare(self, expansion: Any, pairs: np.ndarray, request_ids: Any, ids: tuple[str, ...],
+    def prepare(self, batch: Any, pairs: np.ndarray, request_ids: Any, ids: tuple[str, ...],
                 deadline: float) -> Callable[[Any], None] | None:
-        """Before posting: fetch digests (integrity mode). Returns the check to run once
-        the bytes landed, or None when there is nothing to check."""
-        plan, reader = expansion.plan, self.reader
-        ranks = [r.src_rank for r in expansion.ranks if r.n_descriptors]
+        """Before posting: fetch digests (integrity mode). `batch` is the batch's
+        `Expansion` or `IndexedBatch`. Returns the check to run once the bytes landed, or
+        None when there is nothing to check."""
+        plan, reader = batch.plan, self.reader
+        ranks = [r.src_rank for r in batch.ranks if r.n_descriptors]
         if not ranks or not self.defers_notification:
             return None
-        layers = expansion.layers.tolist()
+        layers = batch.layers.tolist()
         expected = None
         if self.integrity:
             common = {"fingerprint": spec_fingerprint(reader.endpoint.spec),

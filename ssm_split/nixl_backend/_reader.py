@@ -2,26 +2,27 @@
 
     reader = Reader(dst_endpoint)
     for host, port in src_addresses:          # one src engine, all of its ranks
-        reader.connect_to(host, port)
+        reader.connect_to(host, port)         # checks the handshake, prepares the lists
     reader.warm_up()                          # connects, and checks no handshake is stale
     stats = reader.read(pairs, request_ids)   # pairs: (N, 2) (src_block, dst_block)
 
-A batch is expanded once (`expand_plan`): per src rank, the merged dst and src descriptor
-arrays. Each rank's arrays are prepared as one local and one remote NIXL list and read
-with one `make_prepped_xfer("READ", ...)` over consecutive indices, carrying a
-notification that names the batch's request ids, so the src can free those blocks.
-Completion is polled against a deadline. Any NIXL exception, an "ERR" state, a lost peer
-or a missed deadline raises `TransferError(request=..., peer=...)`; a failed read is
-never reported as done, and every NIXL handle is released either way.
+One `make_prepped_xfer("READ", ...)` per src rank and batch, in one of two ways
+(`Reader(..., prepare=...)`, docs/backend.md compares them):
 
-Once the bytes landed, and before a batch counts as received, `_integrity.Guard` checks
-that no src rank re-registered since its handshake (`check_generation`, on by default:
-one 16-byte READ per src rank) and, in integrity mode (`integrity=True`, off by
-default), that every byte read equals the src's digest of it (docs/reliability.md).
+- `"once"` (default), NIXL's "prepare once, make many": at connect, the local and remote
+  lists of every (layer, plan read, block) descriptor of that src rank are prepared once
+  (`prepare_tables`, Nx5 strided lists); a batch only computes two index arrays
+  (`index_batch`), and NIXL merges runs of consecutive dense indices.
+- `"per-batch"`: the batch is expanded (`expand_plan`) into descriptors merged across
+  adjacent segments, blocks and layers, and both lists are prepared for that READ alone.
 
-The lists are prepared per batch rather than once per peer: merged descriptors depend on
-the batch's block ids, and preparing costs about 0.3 us per descriptor against 5-11 us
-to move one (docs/backend.md).
+Completion is polled against a deadline; any NIXL exception, an "ERR" state, a lost peer
+or a missed deadline raises `TransferError(request=..., peer=...)` and a failed batch is
+never reported as received (`_pending.PendingRead`). Once the bytes landed, and before a
+batch counts as received, `_integrity.Guard` checks that no src rank re-registered since
+its handshake (`check_generation`, on by default) and, in integrity mode, every byte
+(docs/reliability.md); with any check on, the read-done notification goes to the src
+ranks only after the checks passed.
 """
 
 from __future__ import annotations
@@ -33,22 +34,30 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .._errors import HandshakeError, PlanError, TransferError
-from .._expand import Expansion, expand_plan
+from .._expand import Expansion, RankedBatch, expand_plan
 from .._plan import Plan, plan_reads
+from .._prepared import index_batch, prepare_tables
 from .._spec import check_transferable
 from ._endpoint import SCRATCH_MAGIC, Endpoint, encode_notification, read_bytes
 from ._handshake import Handshake, decode_handshake
 from ._integrity import Guard
+from ._lists import LOCAL_AGENT, PeerLists
+from ._pending import PendingRead, ReadStats, Transfer, label
 from ._sidechannel import fetch_handshake_bytes
 
-__all__ = ["Peer", "Reader", "PendingRead", "ReadStats"]
+__all__ = ["Peer", "Reader", "PendingRead", "ReadStats", "PREPARE_MODES"]
 
-_LOCAL = "NIXL_INIT_AGENT"
+PREPARE_MODES = ("once", "per-batch")
 _HINTS = {
     "nixlNotFoundError": " A descriptor lies outside memory registered on its side: deregistered "
                          "pages, or a stale handshake (fetch a new one).",
     "nixlRemoteDisconnectError": " The src process went away or closed its endpoint.",
 }
+
+
+def _nixl_error(what: str, error: BaseException, *, request: str | None, peer: str) -> TransferError:
+    return TransferError(f"{what}: {type(error).__name__}: {error}.{_HINTS.get(type(error).__name__, '')}",
+                         request=request, peer=peer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,198 +68,6 @@ class Peer:
     handshake: Handshake
     agent_name: str
     address: tuple[str, int] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ReadStats:
-    """What a completed batch moved.
-
-    Attributes:
-        request_ids: the batch's request ids.
-        n_reads: plan reads x layers x requests (before merging).
-        n_descriptors: descriptors posted, after merging, over all src ranks.
-        nbytes: bytes moved.
-        n_transfers: NIXL transfers posted (one per src rank read from).
-        elapsed_s: from the first post to the last completion seen, in seconds.
-    """
-
-    request_ids: tuple[str, ...]
-    n_reads: int
-    n_descriptors: int
-    nbytes: int
-    n_transfers: int
-    elapsed_s: float
-
-    @property
-    def gbps(self) -> float:
-        """Payload GB/s (1e9 bytes per second)."""
-        return self.nbytes / self.elapsed_s / 1e9 if self.elapsed_s > 0 else float("inf")
-
-
-class _Transfer:
-    __slots__ = ("src_rank", "peer", "handles", "xfer", "done")
-
-    def __init__(self, src_rank: int, peer: str):
-        self.src_rank, self.peer = src_rank, peer
-        self.handles: list = []  # prepped dlist handles
-        self.xfer = None
-        self.done = False
-
-    def release(self) -> None:
-        for handle in ([self.xfer] if self.xfer is not None else []) + self.handles:
-            try:
-                handle.release()
-            except Exception:  # releasing must not hide the original error
-                pass
-        self.xfer, self.handles = None, []
-
-
-def _label(request_ids: tuple[str, ...]) -> str:
-    text = ",".join(request_ids)
-    return text if len(text) <= 120 else f"{text[:100]}... ({len(request_ids)} requests)"
-
-
-class PendingRead:
-    """A batch in flight: `poll()` until it returns True, or `wait()`.
-
-    Raises `TransferError` (from `poll` / `wait`) when any src rank's transfer fails or
-    the deadline passes; the batch's data is then invalid. A READ still in flight when
-    its batch failed (a missed deadline) may go on writing into the batch's dst pages:
-    NIXL accepts the release of an active transfer, yet over UCX's tcp transport its
-    bytes keep landing (docs/reliability.md). Such transfers are kept until NIXL reports
-    them finished: the batch is `settled` only then, and its dst blocks must not be
-    given to another request before (the `Reader` refuses to read into them).
-    """
-
-    def __init__(self, agent, transfers: list[_Transfer], request_ids: tuple[str, ...],
-                 deadline: float, counts: tuple[int, int, int], started: float):
-        self._agent, self._transfers, self.request_ids = agent, transfers, request_ids
-        self.deadline, self._counts, self._started = deadline, counts, started
-        self._finished: float | None = started if not transfers else None
-        self._error: TransferError | None = None
-        self._unsettled: list[_Transfer] = []  # active when the batch failed
-        self.check = None  # run once the bytes landed (set by Reader.start_read)
-
-    @property
-    def status(self) -> str:
-        """"in flight", "received" (bytes landed and checked), "failed" or "cancelled"."""
-        if self._error is not None:
-            return "cancelled" if getattr(self._error, "cancelled", False) else "failed"
-        return "in flight" if self._finished is None else "received"
-
-    @property
-    def request(self) -> str:
-        return _label(self.request_ids)
-
-    def _fail(self, message: str, peer: str | None, cause: BaseException | None = None,
-              ended: _Transfer | None = None) -> None:
-        self._keep_active(ended)
-        self._error = TransferError(message, request=self.request, peer=peer)
-        self._error.request_ids = self.request_ids  # type: ignore[attr-defined]
-        raise self._error from cause
-
-    def poll(self) -> bool:
-        """True once every src rank's READ is done; raises `TransferError` on failure."""
-        if self._error is not None:
-            raise self._error
-        if self._finished is not None:
-            return True
-        for transfer in self._transfers:
-            if transfer.done:
-                continue
-            try:
-                state = self._agent.check_xfer_state(transfer.xfer)
-            except Exception as error:  # NIXL exceptions derive from Exception
-                self._fail(f"READ from src rank {transfer.src_rank} failed: "
-                           f"{type(error).__name__}: {error}", transfer.peer, error, transfer)
-            if state == "DONE":
-                transfer.done = True
-                transfer.release()
-            elif state != "PROC":
-                self._fail(f"READ from src rank {transfer.src_rank} ended in state {state!r}.",
-                           transfer.peer, ended=transfer)
-        if all(t.done for t in self._transfers):
-            check, self.check = self.check, None
-            if check is not None:
-                try:
-                    check(self)
-                except TransferError as error:
-                    self._error = error
-                    error.request_ids = self.request_ids  # type: ignore[attr-defined]
-                    raise
-            self._finished = time.perf_counter()
-            return True
-        if time.monotonic() > self.deadline:
-            late = next(t for t in self._transfers if not t.done)
-            self._fail(f"READ from src rank {late.src_rank} did not complete before the "
-                       f"deadline.", late.peer)
-        return False
-
-    def wait(self) -> ReadStats:
-        """Poll until done (or failed); returns the batch's statistics."""
-        spins = 0
-        while not self.poll():
-            spins += 1
-            if spins > 200:  # give the cores to NIXL's progress thread
-                time.sleep(0.00005)
-        return self.stats()
-
-    def stats(self) -> ReadStats:
-        if self._finished is None:
-            raise PlanError("stats() is only known once the read completed (poll() or wait()).")
-        n_reads, n_descriptors, nbytes = self._counts
-        return ReadStats(self.request_ids, n_reads, n_descriptors, nbytes, len(self._transfers),
-                         self._finished - self._started)
-
-    def _keep_active(self, ended: _Transfer | None = None) -> None:
-        """The batch failed: release finished transfers, keep the others until settled."""
-        for transfer in self._transfers:
-            if transfer.done or transfer is ended or transfer.xfer is None:
-                transfer.release()
-            elif transfer not in self._unsettled:
-                self._unsettled.append(transfer)
-            transfer.done = True
-
-    @property
-    def settled(self) -> bool:
-        """True once no READ of this batch can still write into its dst pages: the batch
-        was received, or it failed and NIXL reported every READ that was in flight then
-        as finished (polls them; releases those that are)."""
-        if self._error is None:
-            return self._finished is not None
-        still = []
-        for transfer in self._unsettled:
-            try:
-                state = self._agent.check_xfer_state(transfer.xfer)
-            except Exception:  # failed: it writes no more
-                state = "ERR"
-            if state == "PROC":
-                still.append(transfer)
-            else:
-                transfer.release()
-        self._unsettled = still
-        return not still
-
-    def wait_settled(self, timeout_s: float = 30.0) -> bool:
-        """Poll `settled` for up to `timeout_s`; returns it."""
-        deadline = time.monotonic() + timeout_s
-        while not self.settled:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.0005)
-        return True
-
-    def release(self) -> None:
-        """Release every handle now, settled or not (NIXL tries to cancel active ones)."""
-        for transfer in self._transfers:
-            transfer.release()
-        self._unsettled = []
-
-    def cancel(self) -> None:
-        """Give up on the batch: it fails; READs in flight are kept until `settled`."""
-        self._keep_active()
-        self._error = TransferError("The read was cancelled.", request=self.request)
-        self._error.cancelled = True  # type: ignore[attr-defined]
 
 
 def _request_ids(request_ids: object, n_pairs: int | None) -> tuple[str, ...]:
@@ -271,6 +88,9 @@ class Reader:
 
     Args:
         endpoint: this dst rank's endpoint (its spec, tp, rank, regions and agent).
+        prepare: `"once"` (NIXL lists prepared per src rank at connect, a batch only
+            builds index arrays) or `"per-batch"` (lists of the batch's descriptors,
+            merged across segments, blocks and layers, prepared for each READ).
         check_generation: after each batch, check that no src rank deregistered or
             re-registered its pages since its handshake (`StaleHandshakeError`).
         integrity: integrity mode: check every byte read against the src's digest of it
@@ -281,11 +101,15 @@ class Reader:
             bytes landed and before they are checked (fault injection in tests).
     """
 
-    def __init__(self, endpoint: Endpoint, *, check_generation: bool = True, integrity: bool = False):
+    def __init__(self, endpoint: Endpoint, *, prepare: str = "once", check_generation: bool = True,
+                 integrity: bool = False):
         if not isinstance(endpoint, Endpoint):
             raise PlanError(f"Reader needs an Endpoint, got {type(endpoint).__name__}.")
-        self.endpoint = endpoint
+        if prepare not in PREPARE_MODES:
+            raise PlanError(f"prepare must be one of {PREPARE_MODES}, got {prepare!r}.")
+        self.endpoint, self.prepare = endpoint, prepare
         self.peers: dict[int, Peer] = {}
+        self._lists: dict[int, PeerLists] = {}
         self._plan: Plan | None = None
         self._guard = Guard(self, check_generation=check_generation, integrity=integrity)
         self.before_check = None
@@ -295,12 +119,15 @@ class Reader:
     # --- peers --------------------------------------------------------------------------
 
     def connect(self, handshake: Handshake | bytes) -> Peer:
-        """Load a src rank's handshake (decoded and checked) and its NIXL metadata.
+        """Load a src rank's handshake (decoded and checked) and its NIXL metadata; with
+        `prepare="once"`, prepare its descriptor lists.
 
         Raises:
             HandshakeError: undecodable bytes, a src TP that differs from earlier peers,
                 or metadata that NIXL rejects or that names another agent.
             SpecMismatchError: the src state is not this endpoint's (names the fields).
+            TransferError: NIXL refused the lists (regions outside the memory the src
+                registered); the rank is not connected then.
         """
         hs = handshake if isinstance(handshake, Handshake) else decode_handshake(handshake)
         if hs.generation % 2 == 0:
@@ -313,6 +140,10 @@ class Reader:
         if others and others != {hs.tp}:
             raise HandshakeError(f"src rank {hs.rank} says tp={hs.tp}, but connected src ranks "
                                  f"say tp={others.pop()}: one Reader reads from one src engine.")
+        plan = plan_reads(hs.spec, hs.tp, own.tp, own.rank, dst_spec=own.spec)
+        tables = None
+        if self.prepare == "once" and hs.rank in plan.src_ranks:
+            tables = prepare_tables(plan, hs.rank, hs.regions, own.regions)
         if hs.rank in self.peers:
             self.disconnect(hs.rank)
         try:
@@ -326,7 +157,15 @@ class Reader:
             raise HandshakeError(f"The handshake of src rank {hs.rank} names agent "
                                  f"{hs.agent_name!r}, but its metadata belongs to {name!r}.")
         self.peers[hs.rank] = Peer(hs, name)
-        self._plan = None
+        self._plan = plan
+        if tables is not None:
+            try:
+                self._lists[hs.rank] = PeerLists(own.agent, tables, name, own.mem_type, hs.mem_type,
+                                                 own.generation)
+            except Exception as error:  # NIXL errors derive from Exception
+                self.disconnect(hs.rank)
+                raise _nixl_error(f"NIXL could not prepare the descriptor lists of src rank "
+                                  f"{hs.rank}", error, request=None, peer=name) from error
         return self.peers[hs.rank]
 
     def connect_to(self, host: str, port: int, *, timeout_s: float = 10.0) -> Peer:
@@ -336,12 +175,15 @@ class Reader:
         return peer
 
     def disconnect(self, src_rank: int) -> None:
-        """Forget a src rank and drop its NIXL metadata."""
+        """Forget a src rank, its prepared lists and its NIXL metadata."""
         peer = self.peers.pop(src_rank, None)
         if peer is None:
             raise HandshakeError(f"src rank {src_rank} is not connected (connected: "
                                  f"{sorted(self.peers)}).")
         self._plan = None
+        lists = self._lists.pop(src_rank, None)
+        if lists is not None:
+            lists.retire()  # released once no READ in flight uses them
         try:
             self.endpoint.agent.remove_remote_agent(peer.agent_name)
         except Exception:
@@ -381,7 +223,7 @@ class Reader:
             s = peer.handshake.scratch
             remote = np.array([[s.addr, 16, s.device_id]], dtype=np.uint64)
             self._start({rank: (local, remote)}, ("warm-up",), timeout_s, b"", (0, 0, 0)).wait()
-            header = read_bytes(own._scratch, 16, 16)
+            header = read_bytes(own.scratch_memory, 16, 16)
             generation = int.from_bytes(header[8:], "little")
             if header[:8] != SCRATCH_MAGIC or generation != peer.handshake.generation:
                 raise HandshakeError(
@@ -392,10 +234,44 @@ class Reader:
     # --- reads --------------------------------------------------------------------------
 
     def expand(self, block_pairs: object, *, layers: object = None) -> Expansion:
-        """The batch's descriptors per src rank (see `expand_plan`)."""
+        """The batch's descriptors per src rank (see `expand_plan`), as `prepare="per-batch"`
+        posts them."""
         plan = self.plan
         regions = {r: self._peer(r).handshake.regions for r in plan.src_ranks}
         return expand_plan(plan, regions, self.endpoint.regions, block_pairs, layers=layers)
+
+    def _batch(self, block_pairs: object, layers: object, ids: tuple[str, ...]) -> tuple[RankedBatch, dict]:
+        """The batch as descriptors or indices, and what to post per src rank (`_post`)."""
+        if self.prepare == "per-batch":
+            expansion = self.expand(block_pairs, layers=layers)
+            return expansion, {r.src_rank: (r.dst_descs, r.src_descs)
+                               for r in expansion.ranks if r.n_descriptors}
+        plan = self.plan
+        for rank in plan.src_ranks:
+            self._peer(rank)
+        indexed = index_batch([self._lists[r].tables for r in plan.src_ranks], block_pairs, layers=layers)
+        posted = [r for r in indexed.ranks if r.dst_indices.size]
+        self._fresh_lists([r.src_rank for r in posted], ids)
+        return indexed, {r.src_rank: (self._lists[r.src_rank], r.dst_indices, r.src_indices) for r in posted}
+
+    def _fresh_lists(self, ranks, ids: tuple[str, ...]) -> None:
+        """Prepare again the lists of `ranks` whose local list predates the endpoint's
+        last (de)registration: NIXL lists of deregistered memory must not be used."""
+        own = self.endpoint
+        for rank in ranks:
+            old = self._lists[rank]
+            if old.generation == own.generation:
+                continue
+            peer = self.peers[rank]
+            try:
+                fresh = PeerLists(own.agent, old.tables, peer.agent_name, own.mem_type,
+                                  peer.handshake.mem_type, own.generation)
+            except Exception as error:
+                raise _nixl_error(f"Could not prepare the lists of src rank {rank} again after "
+                                  f"this endpoint re-registered", error, request=label(ids),
+                                  peer=peer.agent_name) from error
+            old.retire()
+            self._lists[rank] = fresh
 
     def start_read(self, block_pairs: object, request_ids: str | Sequence[str], *,
                    layers: object = None, timeout_s: float = 30.0) -> PendingRead:
@@ -416,15 +292,14 @@ class Reader:
         deadline = time.monotonic() + timeout_s
         pairs = np.asarray(block_pairs)
         ids = _request_ids(request_ids, pairs.shape[0] if pairs.ndim == 2 else -1)
-        expansion = self.expand(pairs, layers=layers)
-        blocks, layer_set = set(pairs[:, 1].tolist()), set(expansion.layers.tolist())
+        batch, posts = self._batch(pairs, layers, ids)
+        blocks, layer_set = set(pairs[:, 1].tolist()), set(batch.layers.tolist())
         self._check_free(blocks, layer_set)
-        arrays = {r.src_rank: (r.dst_descs, r.src_descs) for r in expansion.ranks if r.n_descriptors}
-        counts = (expansion.n_reads, expansion.n_descriptors, expansion.nbytes)
-        check = self._guard.prepare(expansion, pairs, request_ids, ids, deadline)
+        counts = (batch.n_reads, batch.n_descriptors, batch.nbytes)
+        check = self._guard.prepare(batch, pairs, request_ids, ids, deadline)
         # with checks on, the src is notified only once the bytes passed them
         notif = b"" if self._guard.defers_notification else encode_notification(ids)
-        pending = self._start(arrays, ids, deadline - time.monotonic(), notif, counts)
+        pending = self._start(posts, ids, deadline - time.monotonic(), notif, counts)
         pending.check = check
         self._batches.append((pending, blocks, layer_set))
         return pending
@@ -461,39 +336,50 @@ class Reader:
         n = sum(len(d) for d, _ in descriptors.values())
         return self._start(dict(descriptors), ids, timeout_s, encode_notification(ids), (n, n, total))
 
-    def _start(self, arrays: Mapping[int, tuple[np.ndarray, np.ndarray]], ids: tuple[str, ...],
-               timeout_s: float, notif: bytes, counts: tuple[int, int, int]) -> PendingRead:
-        agent, mem_type = self.endpoint.agent, self.endpoint.mem_type
-        transfers: list[_Transfer] = []
+    def _post(self, transfer: Transfer, post: tuple, notif: bytes) -> str:
+        """Make and post one READ: `post` is `(dst_descs, src_descs)` arrays, prepared for
+        this READ alone, or `(PeerLists, dst_indices, src_indices)`."""
+        agent = self.endpoint.agent
+        if isinstance(post[0], PeerLists):
+            lists, dst_index, src_index = post
+            transfer.shared = lists.acquire()
+            local, remote = lists.local, lists.remote
+        else:
+            dst_descs, src_descs = post
+            peer = self.peers[transfer.src_rank]
+            local = agent.prep_xfer_dlist(LOCAL_AGENT, np.ascontiguousarray(dst_descs),
+                                          self.endpoint.mem_type)
+            transfer.handles.append(local)
+            remote = agent.prep_xfer_dlist(peer.agent_name, np.ascontiguousarray(src_descs),
+                                           peer.handshake.mem_type)
+            transfer.handles.append(remote)
+            dst_index = src_index = np.arange(len(dst_descs), dtype=np.int32)
+        transfer.xfer = agent.make_prepped_xfer("READ", local, dst_index, remote, src_index,
+                                                notif_msg=notif)
+        return agent.transfer(transfer.xfer)
+
+    def _start(self, posts: Mapping[int, tuple], ids: tuple[str, ...], timeout_s: float,
+               notif: bytes, counts: tuple[int, int, int]) -> PendingRead:
+        transfers: list[Transfer] = []
         started = time.perf_counter()
         deadline = time.monotonic() + timeout_s
-        for src_rank, (dst_descs, src_descs) in sorted(arrays.items()):
+        for src_rank, post in sorted(posts.items()):
             peer = self._peer(src_rank)
-            transfer = _Transfer(src_rank, peer.agent_name)
+            transfer = Transfer(src_rank, peer.agent_name)
             transfers.append(transfer)
             try:
-                local = agent.prep_xfer_dlist(_LOCAL, np.ascontiguousarray(dst_descs), mem_type)
-                transfer.handles.append(local)
-                remote = agent.prep_xfer_dlist(peer.agent_name, np.ascontiguousarray(src_descs),
-                                               peer.handshake.mem_type)
-                transfer.handles.append(remote)
-                index = np.arange(len(dst_descs), dtype=np.int32)
-                transfer.xfer = agent.make_prepped_xfer("READ", local, index, remote, index,
-                                                        notif_msg=notif)
-                state = agent.transfer(transfer.xfer)
+                state = self._post(transfer, post, notif)
             except Exception as error:
                 for t in transfers:
                     t.release()
-                raise TransferError(
-                    f"Could not post the READ from src rank {src_rank}: {type(error).__name__}: "
-                    f"{error}.{_HINTS.get(type(error).__name__, '')}",
-                    request=_label(ids), peer=peer.agent_name) from error
+                raise _nixl_error(f"Could not post the READ from src rank {src_rank}", error,
+                                  request=label(ids), peer=peer.agent_name) from error
             if state == "ERR":
                 for t in transfers:
                     t.release()
                 raise TransferError(f"Posting the READ from src rank {src_rank} failed.",
-                                    request=_label(ids), peer=peer.agent_name)
-        return PendingRead(agent, transfers, ids, deadline, counts, started)
+                                    request=label(ids), peer=peer.agent_name)
+        return PendingRead(self.endpoint.agent, transfers, ids, deadline, counts, started)
 
     def close(self, *, settle_timeout_s: float = 10.0) -> None:
         """Disconnect from every src rank; the endpoint stays open. Batches not finished

@@ -41,10 +41,10 @@ def pair():
     del src_memory
 
 
-@pytest.fixture()
-def reader(pair):
+@pytest.fixture(params=["once", "per-batch"])
+def reader(pair, request):
     _, dst, _ = pair
-    with Reader(dst) as r:
+    with Reader(dst, prepare=request.param) as r:
         yield r
 
 
@@ -89,12 +89,19 @@ def test_metadata_that_nixl_rejects_or_that_names_another_agent(pair, reader):
         other.close()
 
 
-def test_regions_outside_registered_memory_fail_the_read(pair, reader):
+def test_regions_outside_registered_memory_are_refused(pair, reader):
     src, _, _ = pair
     hs = src.handshake()
     shifted = RegionSet.packed(hs.regions.buffers[0].addr + (1 << 30), num_layers=CASE.num_layers,
                                num_blocks=CASE.num_blocks, page_nbytes=CASE.page_nbytes("src"))
-    reader.connect(decode_handshake(dataclasses.replace(hs, regions=shifted).encode()))
+    lying = decode_handshake(dataclasses.replace(hs, regions=shifted).encode())
+    if reader.prepare == "once":  # the lists are prepared at connect: NIXL refuses them there
+        with pytest.raises(TransferError, match="outside memory registered") as info:
+            reader.connect(lying)
+        assert info.value.peer == src.name and info.value.request is None
+        assert reader.peers == {}
+        return
+    reader.connect(lying)
     with pytest.raises(TransferError, match="outside memory registered") as info:
         reader.read(CASE.pairs_array, "lost")
     assert info.value.peer == src.name and info.value.request == "lost"
@@ -121,10 +128,12 @@ def test_deregistered_dst_pages_fail_the_read(pair, reader):
     reader.connect_to(*src.address)
     dst.deregister()
     try:
-        with pytest.raises(TransferError, match="outside memory registered"):
+        with pytest.raises(TransferError, match="outside memory registered") as info:
             reader.read(CASE.pairs_array, "nowhere")
+        assert info.value.peer == src.name and info.value.request == "nowhere"
     finally:
         dst.register()
+    reader.read(CASE.pairs_array, "registered-again")  # lists made for the new registration
 
 
 def test_unknown_peers(pair, reader):

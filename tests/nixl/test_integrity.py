@@ -28,12 +28,14 @@ from hypothesis import strategies as st
 
 pytest.importorskip("nixl")
 
-from ssm_split import (IntegrityError, Mamba2Spec, RegionSet, StaleHandshakeError,  # noqa: E402
-                       page_layout, plan_reads)
+from ssm_split import (Buffer, IntegrityError, LayerRegion, Mamba2Spec, RegionSet,  # noqa: E402
+                       StaleHandshakeError, page_layout, plan_reads)
 from ssm_split.nixl_backend import Endpoint, Reader, fetch_handshake_bytes  # noqa: E402
 from ssm_split._integrity import plan_pieces  # noqa: E402
 from ssm_split.nixl_backend._handshake import spec_fingerprint  # noqa: E402
-from ssm_split.nixl_backend._integrity import INTEGRITY_REQUEST, MAX_REQUEST_NBYTES  # noqa: E402
+from ssm_split.nixl_backend._integrity import (INTEGRITY_REQUEST, MAX_REQUEST_NBYTES,  # noqa: E402
+                                               answer_integrity)
+from ssm_split.nixl_backend._sidechannel import SideChannelServer  # noqa: E402
 
 from ._cluster import DST_FILL, Case, first_difference  # noqa: E402
 
@@ -162,28 +164,43 @@ def test_a_src_that_changed_its_bytes_is_reported_without_a_byte_offset(setup):
     assert located and all(c.expected ^ c.received == 0x01 for c in located)
 
 
-def test_wrong_offsets_inside_the_pages_are_caught_only_with_integrity():
+def shifted(source: Endpoint, case: Case):
+    """`source`'s handshake with every page described 4 bytes later than it is (and the
+    last block left out, so every described page stays in registered memory)."""
+    hs = source.handshake()
+    regions = RegionSet(tuple(LayerRegion(r.base_addr + 4, r.page_nbytes, r.page_stride_nbytes,
+                                          r.num_blocks - 1) for r in hs.regions.layers),
+                        (Buffer(hs.regions.buffers[0].addr + 4, hs.regions.buffers[0].nbytes - 4),))
+    return dataclasses.replace(hs, regions=regions)
+
+
+@contextlib.contextmanager
+def lying_side_channel(source: Endpoint, handshake):
+    """A side channel that serves `handshake` for `source` and answers integrity requests
+    with `source`'s true pages: a src whose handshake lies about its offsets."""
+    server = SideChannelServer(lambda: handshake.encode(), "127.0.0.1", 0,
+                               {INTEGRITY_REQUEST: lambda conn: answer_integrity(source, conn)})
+    try:
+        yield server.address
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("prepare", ["once", "per-batch"])
+def test_wrong_offsets_inside_the_pages_are_caught_only_with_integrity(prepare):
     case = dataclasses.replace(CASE, pairs=CASE.pairs[:3])  # keep away from the last block
     with cluster(case, DST_RANK) as (sources, _, endpoint, memory):
-        def shifted(source):  # every src page described 4 bytes later than it is
-            hs = source.handshake()
-            regions = RegionSet.packed(hs.regions.buffers[0].addr + 4, num_layers=case.num_layers,
-                                       num_blocks=case.num_blocks, page_nbytes=case.page_nbytes("src"))
-            return dataclasses.replace(hs, regions=regions)
-
-        with Reader(endpoint) as plain:
+        with Reader(endpoint, prepare=prepare) as plain:
             for source in sources:
-                plain.connect(shifted(source))
+                plain.connect(shifted(source, case))
             plain.read(case.pairs_array, "silent")  # NIXL moves the wrong bytes happily
         want = case.expected_dst(DST_RANK)
         assert not np.array_equal(memory, want)
 
         memory[:] = DST_FILL
-        with Reader(endpoint, integrity=True) as checked:
+        with contextlib.ExitStack() as stack, Reader(endpoint, prepare=prepare, integrity=True) as checked:
             for source in sources:
-                checked.connect_to(*source.address)
-                peer = checked.peers[source.rank]
-                checked.peers[source.rank] = dataclasses.replace(peer, handshake=shifted(source))
+                checked.connect_to(*stack.enter_context(lying_side_channel(source, shifted(source, case))))
             with pytest.raises(IntegrityError) as info:
                 checked.read(case.pairs_array, case.request_ids)
         assert info.value.corruptions and all(c.located for c in info.value.corruptions)

@@ -3,8 +3,9 @@ at once, mixed TP pairs, every received page checked byte for byte.
 
 Three src engines run in their own processes, one per TP pair; their ranks hold
 `POOL` reference states per layer. In this process, every dst rank of every pair has
-its own endpoint and reader and keeps up to `IN_FLIGHT` batches of 1..`MAX_BATCH`
-requests posted; each request reads a pool state into a free dst block. When a batch
+its own endpoint and reader (lists prepared once on even dst ranks, per batch on odd
+ones) and keeps up to `IN_FLIGHT` batches of 1..`MAX_BATCH` requests posted; each
+request reads a pool state into a free dst block. When a batch
 completes, each of its pages must equal `reference.shard(state, dst_tp)` (content and
 untouched padding); its content is then poisoned with a fresh byte and the block freed
 for the next request, so a later READ that misses a byte cannot pass. At the end every
@@ -76,7 +77,7 @@ def make_dst(pair: int, case: Case, rank: int, src: SrcEngine, integrity: bool, 
     regions = RegionSet.packed(memory.ctypes.data, num_layers=LAYERS, num_blocks=DST_BLOCKS,
                                page_nbytes=page_nbytes, order=("layer", "block")[rank % 2])
     endpoint = Endpoint(case.spec, tp=case.dst_tp, rank=rank, memory=[memory], regions=regions)
-    reader = Reader(endpoint, integrity=integrity)
+    reader = Reader(endpoint, prepare=("once", "per-batch")[rank % 2], integrity=integrity)
     for address in src.addresses:
         reader.connect_to(*address)
     expected = np.stack([np.stack([shard(case.spec, case.state(layer, s), case.dst_tp, page_nbytes=page_nbytes,

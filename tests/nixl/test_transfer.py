@@ -40,8 +40,12 @@ CASES = {
 }
 
 
+PREPARE = ["once", "per-batch"]
+"""Both ways a Reader prepares NIXL lists (once per peer, or per batch)."""
+
+
 @contextlib.contextmanager
-def cluster(case: Case):
+def cluster(case: Case, prepare: str = "once"):
     """Served src endpoints and connected dst readers, closed afterwards."""
     stack = contextlib.ExitStack()
     with stack:
@@ -58,18 +62,19 @@ def cluster(case: Case):
             endpoint = stack.enter_context(Endpoint(
                 case.spec, tp=case.dst_tp, rank=rank, memory=[memory],
                 regions=case.regions("dst", memory.ctypes.data)))
-            reader = stack.enter_context(Reader(endpoint))
+            reader = stack.enter_context(Reader(endpoint, prepare=prepare))
             for source in sources:
                 reader.connect_to(*source.address)
             readers.append(reader)
         yield sources, readers, dst_memory
 
 
+@pytest.mark.parametrize("prepare", PREPARE)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_batch_lands_byte_for_byte_and_src_ranks_are_notified(name):
+def test_batch_lands_byte_for_byte_and_src_ranks_are_notified(name, prepare):
     case = CASES[name]
     plans = plan_all(case.spec, case.src_tp, case.dst_tp)
-    with cluster(case) as (sources, readers, dst_memory):
+    with cluster(case, prepare) as (sources, readers, dst_memory):
         pending = []
         for reader in readers:
             reader.warm_up()
@@ -91,21 +96,36 @@ def test_batch_lands_byte_for_byte_and_src_ranks_are_notified(name):
 
 def test_equal_tp_block_major_batch_is_one_descriptor_per_rank_and_moves_right():
     # no padding, block-major on both sides, consecutive blocks on both sides: all
-    # layers of the three requests form one range, so one descriptor per dst rank
+    # layers of the three requests form one range; only per-batch lists merge across
+    # layers, so prepared-once lists keep one descriptor per (layer, request)
     case = Case(Mamba2Spec(num_heads=4, head_dim=2, n_groups=2, state_size=4), 2, 2,
                 pairs=((3, 5), (4, 6), (5, 7)), src_order="block", dst_order="block",
                 src_pad=0, dst_pad=0)
-    with cluster(case) as (_, readers, dst_memory):
+    for prepare, descriptors in (("per-batch", 1), ("once", case.num_layers * 3)):
+        with cluster(case, prepare) as (_, readers, dst_memory):
+            for rank, reader in enumerate(readers):
+                stats = reader.read(case.pairs_array, "batch-0")
+                assert (stats.n_reads, stats.n_descriptors) == (case.num_layers * 3, descriptors)
+                assert np.array_equal(dst_memory[rank], case.expected_dst(rank))
+
+
+def test_equal_tp_layer_major_consecutive_blocks_merge_per_layer_when_prepared_once():
+    # whole-page reads of blocks consecutive on both sides, pages without padding: NIXL
+    # merges each layer's run of dense consecutive indices
+    case = Case(Mamba2Spec(num_heads=4, head_dim=2, n_groups=2, state_size=4), 2, 2,
+                pairs=((3, 5), (4, 6), (5, 7), (0, 1)), src_pad=0, dst_pad=0)
+    with cluster(case, "once") as (_, readers, dst_memory):
         for rank, reader in enumerate(readers):
             stats = reader.read(case.pairs_array, "batch-0")
-            assert (stats.n_reads, stats.n_descriptors) == (case.num_layers * 3, 1)
+            assert (stats.n_reads, stats.n_descriptors) == (case.num_layers * 4, case.num_layers * 2)
             assert np.array_equal(dst_memory[rank], case.expected_dst(rank))
 
 
-def test_batches_by_layer_and_repeated_reads():
+@pytest.mark.parametrize("prepare", PREPARE)
+def test_batches_by_layer_and_repeated_reads(prepare):
     # moving layers one call at a time gives the same memory as one call for all
     case = CASES["1to2_replicated"]
-    with cluster(case) as (sources, readers, dst_memory):
+    with cluster(case, prepare) as (sources, readers, dst_memory):
         for layer in (2, 0, 1):
             for reader in readers:
                 reader.read(case.pairs_array, [f"{r}-l{layer}" for r in case.request_ids],
@@ -119,9 +139,10 @@ def test_batches_by_layer_and_repeated_reads():
         assert np.array_equal(dst_memory[0], case.expected_dst(0))
 
 
-def test_empty_batch_moves_nothing():
+@pytest.mark.parametrize("prepare", PREPARE)
+def test_empty_batch_moves_nothing(prepare):
     case = CASES["1to2_replicated"]
-    with cluster(case) as (_, readers, dst_memory):
+    with cluster(case, prepare) as (_, readers, dst_memory):
         stats = readers[0].read(np.zeros((0, 2), np.int64), "nothing")
         assert (stats.n_descriptors, stats.nbytes, stats.n_transfers) == (0, 0, 0)
         assert np.array_equal(dst_memory[0], case.dst_memory())

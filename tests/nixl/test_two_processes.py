@@ -30,19 +30,21 @@ def src_engine():
     engine.stop()
 
 
-def dst_side(case: Case, rank: int, **options):
+def dst_side(case: Case, rank: int, prepare: str = "once", **options):
+    """A dst rank's endpoint (with `options`), its reader (`prepare`) and memory."""
     memory = case.dst_memory()
     endpoint = Endpoint(case.spec, tp=case.dst_tp, rank=rank, memory=[memory],
                         regions=case.regions("dst", memory.ctypes.data), **options)
-    return endpoint, Reader(endpoint), memory
+    return endpoint, Reader(endpoint, prepare=prepare), memory
 
 
+@pytest.mark.parametrize("prepare", ["once", "per-batch"])
 @pytest.mark.parametrize("dst_tp", [1, 2, 4])  # src TP > dst TP, equal, dst TP > src TP
-def test_read_from_another_process(src_engine, dst_tp):
+def test_read_from_another_process(src_engine, dst_tp, prepare):
     case = dataclasses.replace(SRC, dst_tp=dst_tp)
-    request_ids = [f"d{dst_tp}-{i}" for i in range(len(case.pairs))]
+    request_ids = [f"d{dst_tp}-{prepare}-{i}" for i in range(len(case.pairs))]
     plans = plan_all(case.spec, case.src_tp, dst_tp)
-    sides = [dst_side(case, rank) for rank in range(dst_tp)]
+    sides = [dst_side(case, rank, prepare=prepare) for rank in range(dst_tp)]
     try:
         for _, reader, _ in sides:
             for host, port in src_engine.addresses:
