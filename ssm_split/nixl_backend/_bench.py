@@ -28,6 +28,8 @@ import statistics
 import sys
 import time
 
+from ._bench_packed import replies, run_packed, send_all
+
 HELP = "time vLLM's descriptor pattern against ssm_split's strategies on real NIXL READs"
 
 
@@ -159,8 +161,9 @@ def run_config(args) -> list[dict]:
                                {"serial": copy_limit, "concurrent": copy_limit}, copy_limit, True, model))
             for name, threads in cfg["runs"]:
                 if name == "packed":
-                    records.append(_run_packed(cfg, versions, batch, threads, pairs, nbytes, copy_limit,
-                                               src_pipes, dst_pipes, args))
+                    total, times, ok = run_packed(cfg, threads, pairs, src_pipes, dst_pipes, args)
+                    records.append(_record(cfg, versions, batch, "packed", threads, total, nbytes, times,
+                                           copy_limit, ok, None))
                     continue
                 fit = {k: model[k] for k in ("desc_s", "byte_s", "gather_byte_s", "gather_launch_s")} if model else None
                 stats = [_call(p, "prepare", name=name, threads=threads, pairs=pairs, model=fit,
@@ -187,88 +190,6 @@ def run_config(args) -> list[dict]:
                 proc.kill()
 
 
-def _wave_pairs(cfg: dict) -> int:
-    """Requests per wave so that every src pack buffer and dst staging buffer holds a wave."""
-    from .._staging import pack_plan
-    from ._bench_rank import _plan_for
-
-    n_layers = 1 if cfg["layout"] == "stacked" else cfg["layers"]
-    plans = [pack_plan(_plan_for("ssm_split", cfg, r, None)) for r in range(cfg["dst_tp"])]
-    per_dst = max(sum(p.slot_nbytes) for p in plans)
-    per_src = max(sum(p.slot_nbytes[s] for p in plans) for s in range(cfg["src_tp"]))
-    wave = cfg["staging_nbytes"] // 2 // (n_layers * max(per_dst, per_src))  # two halves
-    if wave < 1:
-        raise ValueError("--staging-mib is too small to pack one request; raise it")
-    return wave
-
-
-def _run_packed(cfg, versions, batch, threads, pairs, nbytes, copy_limit, src_pipes, dst_pipes, args) -> dict:
-    """Packed strategy, serial: per wave, every src rank packs, then every dst rank fetches
-    and scatters; the time is the sum of all those steps."""
-    wave_pairs = _wave_pairs(cfg)
-    waves = [_call(p, "pack_prepare", pairs=pairs, wave_pairs=wave_pairs) for p in src_pipes][0]
-    stats = [_call(p, "prepare_packed", threads=threads, pairs=pairs, wave_pairs=wave_pairs) for p in dst_pipes]
-
-    def once() -> float:
-        total = 0.0
-        for w in range(waves):
-            for pipe in src_pipes:
-                t0, t1 = _call(pipe, "pack_run", wave=w)
-                total += t1 - t0
-            for pipe in dst_pipes:
-                t0, t1 = _call(pipe, "run_wave", wave=w)
-                total += t1 - t0
-        return total
-
-    def pipelined() -> float:
-        """All processes live: src ranks pack wave w+1 while the dst ranks fetch and
-        scatter wave w (halves of the buffers alternate); first pack to last scatter."""
-        spans = _gather_calls(src_pipes, "pack_run", wave=0)
-        for w in range(waves):
-            for pipe in dst_pipes:
-                pipe.send(("run_wave", {"wave": w}))
-            if w + 1 < waves:
-                for pipe in src_pipes:
-                    pipe.send(("pack_run", {"wave": w + 1}))
-                spans += _replies(src_pipes)
-            spans += _replies(dst_pipes)
-        return max(t1 for _, t1 in spans) - min(t0 for t0, _ in spans)
-
-    times = {}
-    ok = True
-    for run in (once, pipelined):
-        for p in dst_pipes:
-            _call(p, "poison")
-        run()
-        ok &= all(_call(p, "check") for p in dst_pipes)
-    if ok:
-        samples = [once() for _ in range(args.warmup + args.repeats)][args.warmup:]
-        times = {"serial": statistics.median(samples), "serial_samples": samples}
-        if args.mode != "serial":
-            samples = [pipelined() for _ in range(args.warmup + args.repeats)][args.warmup:]
-            times.update(concurrent=statistics.median(samples), concurrent_samples=samples)
-    total = {k: sum(s[k] for s in stats) for k in ("descriptors", "requests", "read_nbytes", "gathered_nbytes")}
-    total["staging_nbytes"] = max(s["staging_nbytes"] for s in stats)
-    total["waves"] = waves
-    return _record(cfg, versions, batch, "packed", threads, total, nbytes, times, copy_limit, ok, None)
-
-
-def _replies(pipes) -> list:
-    out = []
-    for pipe in pipes:
-        status, value = pipe.recv()
-        if status != "ok":
-            raise RuntimeError(value)
-        out.append(value)
-    return out
-
-
-def _gather_calls(pipes, command, **args) -> list:
-    for pipe in pipes:
-        pipe.send((command, args))
-    return _replies(pipes)
-
-
 def _time(pipes, args) -> dict:
     out = {}
     modes = ("serial", "concurrent") if args.mode == "both" else (args.mode,)
@@ -279,14 +200,8 @@ def _time(pipes, args) -> dict:
                 spans = [_call(p, "run") for p in pipes]
                 wall = sum(t1 - t0 for t0, t1 in spans)
             else:
-                for p in pipes:
-                    p.send(("run", {"concurrent": True}))
-                spans = []
-                for p in pipes:
-                    status, value = p.recv()
-                    if status != "ok":
-                        raise RuntimeError(value)
-                    spans.append(value)
+                send_all(pipes, "run", concurrent=True)
+                spans = replies(pipes)
                 wall = max(t1 for _, t1 in spans) - min(t0 for t0, _ in spans)
             if i >= args.warmup:
                 samples.append(wall)

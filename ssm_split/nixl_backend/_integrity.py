@@ -42,6 +42,7 @@ from .._integrity import (DIGEST_ALGORITHM, PageMemory, digest_bytes, dst_digest
                           merge_src_digests, mismatches, plan_pieces, pieces_from, src_digests)
 from .._plan import plan_reads
 from ._handshake import spec_fingerprint
+from ._pending import label as _label
 from ._sidechannel import _recv_exact
 
 __all__ = ["INTEGRITY_REQUEST", "answer_integrity", "Guard"]
@@ -350,8 +351,3 @@ class Guard:
                 raise TransferError(f"The bytes arrived intact, but the read-done notification "
                                     f"to src rank {rank} failed: {type(error).__name__}: {error}",
                                     request=_label(ids), peer=peer.agent_name) from error
-
-
-def _label(ids: tuple[str, ...]) -> str:
-    text = ",".join(ids)
-    return text if len(text) <= 120 else f"{text[:100]}... ({len(ids)} requests)"

@@ -20,13 +20,28 @@ from typing import Callable
 
 from .._errors import PlanError, TransferError
 
-__all__ = ["PendingRead", "ReadStats", "label"]
+__all__ = ["PendingRead", "ReadStats", "label", "request_ids_of"]
 
 
 def label(request_ids: tuple[str, ...]) -> str:
     """The request ids as one short string, for errors (`TransferError.request`)."""
     text = ",".join(request_ids)
     return text if len(text) <= 120 else f"{text[:100]}... ({len(request_ids)} requests)"
+
+
+def request_ids_of(request_ids: object, n_pairs: int | None) -> tuple[str, ...]:
+    """A batch's request ids as a tuple of distinct non-empty strs: one per pair (or a
+    single str for the whole batch); `n_pairs` None skips the count check."""
+    if isinstance(request_ids, str):
+        ids: tuple = (request_ids,)
+    else:
+        ids = tuple(request_ids)  # type: ignore[arg-type]
+        if n_pairs is not None and len(ids) != n_pairs:
+            raise PlanError(f"Got {len(ids)} request ids for {n_pairs} block pairs: pass one id "
+                            f"per pair, or a single str for the whole batch.")
+    if not ids or not all(isinstance(i, str) and i for i in ids):
+        raise PlanError(f"request ids must be non-empty strs, got {ids[:5]!r}.")
+    return tuple(dict.fromkeys(ids))
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,7 +42,7 @@ from ._endpoint import SCRATCH_MAGIC, Endpoint, encode_notification, read_bytes
 from ._handshake import Handshake, decode_handshake
 from ._integrity import Guard
 from ._lists import LOCAL_AGENT, PeerLists
-from ._pending import PendingRead, ReadStats, Transfer, label
+from ._pending import PendingRead, ReadStats, Transfer, label, request_ids_of
 from ._sidechannel import fetch_handshake_bytes
 
 __all__ = ["Peer", "Reader", "PendingRead", "ReadStats", "PREPARE_MODES"]
@@ -68,19 +68,6 @@ class Peer:
     handshake: Handshake
     agent_name: str
     address: tuple[str, int] | None = None
-
-
-def _request_ids(request_ids: object, n_pairs: int | None) -> tuple[str, ...]:
-    if isinstance(request_ids, str):
-        ids: tuple = (request_ids,)
-    else:
-        ids = tuple(request_ids)  # type: ignore[arg-type]
-        if n_pairs is not None and len(ids) != n_pairs:
-            raise PlanError(f"Got {len(ids)} request ids for {n_pairs} block pairs: pass one id "
-                            f"per pair, or a single str for the whole batch.")
-    if not ids or not all(isinstance(i, str) and i for i in ids):
-        raise PlanError(f"request ids must be non-empty strs, got {ids[:5]!r}.")
-    return tuple(dict.fromkeys(ids))
 
 
 class Reader:
@@ -291,7 +278,7 @@ class Reader:
         """
         deadline = time.monotonic() + timeout_s
         pairs = np.asarray(block_pairs)
-        ids = _request_ids(request_ids, pairs.shape[0] if pairs.ndim == 2 else -1)
+        ids = request_ids_of(request_ids, pairs.shape[0] if pairs.ndim == 2 else -1)
         batch, posts = self._batch(pairs, layers, ids)
         blocks, layer_set = set(pairs[:, 1].tolist()), set(batch.layers.tolist())
         self._check_free(blocks, layer_set)
@@ -331,7 +318,7 @@ class Reader:
         """Post arbitrary `{src_rank: (dst_descs, src_descs)}` `(M, 3)` uint64 arrays, one
         READ per rank, with the usual notification; for strategies other than
         `expand_plan` (benchmarks)."""
-        ids = _request_ids(request_ids, None)
+        ids = request_ids_of(request_ids, None)
         total = sum(int(d[:, 1].sum()) for d, _ in descriptors.values())
         n = sum(len(d) for d, _ in descriptors.values())
         return self._start(dict(descriptors), ids, timeout_s, encode_notification(ids), (n, n, total))
