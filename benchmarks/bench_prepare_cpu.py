@@ -31,6 +31,7 @@ import platform
 import statistics
 import sys
 import time
+import timeit
 
 import numpy as np
 
@@ -79,12 +80,7 @@ def _rss() -> int:
 
 
 def _median_s(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(timeit.repeat(fn, number=1, repeat=repeats))
 
 
 def _connect(reader, addresses):

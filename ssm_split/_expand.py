@@ -68,11 +68,22 @@ class RankDescriptors:
         return int(self.dst_descs[:, 1].sum())
 
 
+@dataclass(frozen=True, slots=True, eq=False)
 class RankedBatch:
-    """What `Expansion` and `IndexedBatch` share: a batch's per-src-rank parts in
-    `ranks`, each with `src_rank`, `n_reads`, `n_descriptors` and `nbytes`."""
+    """A batch's per-src-rank parts, however they are posted (`Expansion`: descriptors;
+    `ssm_split.IndexedBatch`: indices into prepared tables).
 
-    __slots__ = ()
+    Attributes:
+        plan: the dst rank's plan.
+        block_pairs: shape `(N, 2)` int64 `(src_block, dst_block)`, sorted by dst block.
+        layers: shape `(m,)` int64, the layers moved.
+        ranks: by ascending src rank; each has `src_rank`, `n_reads` (plan reads x layers
+            x requests, before merging), `n_descriptors` and `nbytes`.
+    """
+
+    plan: Plan
+    block_pairs: np.ndarray
+    layers: np.ndarray
     ranks: tuple
 
     @property
@@ -97,19 +108,8 @@ class RankedBatch:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Expansion(RankedBatch):
-    """A plan expanded over a batch: one `RankDescriptors` per src rank read from.
-
-    Attributes:
-        plan: the dst rank's plan.
-        block_pairs: shape `(N, 2)` int64 `(src_block, dst_block)`, sorted by dst block.
-        layers: shape `(m,)` int64, the layers moved.
-        ranks: by ascending src rank; a src rank the plan does not read from is absent.
-    """
-
-    plan: Plan
-    block_pairs: np.ndarray
-    layers: np.ndarray
-    ranks: tuple[RankDescriptors, ...]
+    """A plan expanded over a batch (`expand_plan`): `ranks` holds one `RankDescriptors`
+    per src rank read from (a src rank the plan does not read from is absent)."""
 
 
 SrcRegions = Union[Mapping[int, RegionSet], Sequence[RegionSet]]

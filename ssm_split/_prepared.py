@@ -208,19 +208,8 @@ class RankIndices:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class IndexedBatch(RankedBatch):
-    """A batch as indices into prepared tables: one `RankIndices` per src rank.
-
-    Attributes:
-        plan: the dst rank's plan.
-        block_pairs: shape `(N, 2)` int64 `(src_block, dst_block)`, sorted by dst block.
-        layers: shape `(m,)` int64, the layers moved.
-        ranks: by ascending src rank.
-    """
-
-    plan: Plan
-    block_pairs: np.ndarray
-    layers: np.ndarray
-    ranks: tuple[RankIndices, ...]
+    """A batch as indices into prepared tables (`index_batch`): `ranks` holds one
+    `RankIndices` per src rank, by ascending src rank."""
 
 
 def _indices(table: DescriptorTable, layer_ids: np.ndarray, blocks: np.ndarray) -> np.ndarray:

@@ -32,6 +32,12 @@ def _check_int(owner: str, name: str, value: object, minimum: int = 0) -> None:
         raise PlanError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}.")
 
 
+def _check_fields(value: object, **minimums: int) -> None:
+    """`_check_int` on each named field of a dataclass instance."""
+    for name, minimum in minimums.items():
+        _check_int(type(value).__name__, name, getattr(value, name), minimum)
+
+
 @dataclass(frozen=True, slots=True)
 class Buffer:
     """One registered memory buffer: `nbytes` bytes at `addr` on device `device_id`
@@ -42,9 +48,7 @@ class Buffer:
     device_id: int = 0
 
     def __post_init__(self) -> None:
-        _check_int("Buffer", "addr", self.addr)
-        _check_int("Buffer", "nbytes", self.nbytes, 1)
-        _check_int("Buffer", "device_id", self.device_id)
+        _check_fields(self, addr=0, nbytes=1, device_id=0)
 
     @property
     def end(self) -> int:
@@ -68,11 +72,7 @@ class LayerRegion:
     buffer: int = 0
 
     def __post_init__(self) -> None:
-        _check_int("LayerRegion", "base_addr", self.base_addr)
-        _check_int("LayerRegion", "page_nbytes", self.page_nbytes, 1)
-        _check_int("LayerRegion", "page_stride_nbytes", self.page_stride_nbytes, 1)
-        _check_int("LayerRegion", "num_blocks", self.num_blocks, 1)
-        _check_int("LayerRegion", "buffer", self.buffer)
+        _check_fields(self, base_addr=0, page_nbytes=1, page_stride_nbytes=1, num_blocks=1, buffer=0)
         if self.num_blocks > 1 and self.page_stride_nbytes < self.page_nbytes:
             raise PlanError(
                 f"LayerRegion: pages of {self.page_nbytes} bytes spaced "

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -125,6 +126,14 @@ class Endpoint:
         PlanError: memory does not match `regions`, mixes memory types, or pages are
             smaller than this rank's content.
         TransferError: NIXL could not create the agent or register the memory.
+
+    Attributes:
+        spec, tp, rank, regions, name: as given (`name` filled in when None).
+        mem_type: "DRAM" or "VRAM", the NIXL memory type of `memory`.
+        agent: the NIXL agent (None once closed).
+        scratch: the registered scratch `Buffer` (`SCRATCH_NBYTES` bytes).
+        generation: registration generation: odd while the pages are registered.
+        foreign_notifications: `(peer, message)` of notifications not from a reader.
     """
 
     def __init__(self, spec: Spec, *, tp: int, rank: int, regions: RegionSet,
@@ -151,6 +160,8 @@ class Endpoint:
         self._server: SideChannelServer | None = None
         self._reads_done: Counter[str] = Counter()
         self.foreign_notifications: list[tuple[str, bytes]] = []
+        self._integrity_requests = 0
+        self._integrity_lock = threading.Lock()  # side channel connections have their own threads
         if self.mem_type == "VRAM":
             # Without it UCX emulates VRAM READs over TCP (~0.4 GB/s instead of ~1 TB/s);
             # UCX reads it when the agent's backend starts. A value the user set wins.
@@ -222,6 +233,11 @@ class Endpoint:
         return self._pages_reg is not None
 
     @property
+    def memory(self) -> tuple[Any, ...]:
+        """The arrays or tensors backing `regions.buffers`, in order."""
+        return tuple(self._memory)
+
+    @property
     def scratch_memory(self) -> Any:
         """The array or tensor behind `scratch`: `[0, 16)` magic + generation (read by
         peers), `[16, 32)` where this endpoint lands its own warm-up reads."""
@@ -237,9 +253,20 @@ class Endpoint:
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Serve the handshake over the side channel; returns the bound `(host, port)`."""
         if self._server is None:
-            handlers = {INTEGRITY_REQUEST: lambda conn: answer_integrity(self, conn)}
+            handlers = {INTEGRITY_REQUEST: self._answer_integrity}
             self._server = SideChannelServer(lambda: self._handshake_bytes, host, port, handlers)
         return self._server.address
+
+    def _answer_integrity(self, conn) -> None:
+        with self._integrity_lock:
+            self._integrity_requests += 1
+        answer_integrity(self, conn)
+
+    @property
+    def integrity_requests(self) -> int:
+        """Integrity requests (`_integrity.INTEGRITY_REQUEST`) received on the side
+        channel so far, answered or refused."""
+        return self._integrity_requests
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -269,6 +296,11 @@ class Endpoint:
     def reads_done(self, request_id: str) -> int:
         """How many reader notifications named `request_id` so far (after polling)."""
         return self._reads_done[request_id]
+
+    @property
+    def reads_done_counts(self) -> dict[str, int]:
+        """`reads_done` of every request id named so far (a copy)."""
+        return dict(self._reads_done)
 
     def wait_for_reads(self, request_id: str, count: int = 1, *, timeout_s: float = 30.0) -> None:
         """Poll until `count` readers have reported `request_id` as read.

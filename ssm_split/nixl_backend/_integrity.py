@@ -70,7 +70,7 @@ def page_memory(endpoint: Any) -> PageMemory:
         raise TransferError(f"Integrity mode needs DRAM pages; {endpoint.name!r} holds "
                             f"{endpoint.mem_type}.")
     arrays = []
-    for memory in endpoint._memory:
+    for memory in endpoint.memory:
         array = memory.numpy() if not isinstance(memory, np.ndarray) else memory
         arrays.append(array.reshape(-1).view(np.uint8))
     return PageMemory(endpoint.regions, tuple(arrays))
@@ -132,7 +132,6 @@ def _answer(endpoint: Any, request: dict) -> tuple[dict, bytes]:
 def answer_integrity(endpoint: Any, conn: socket.socket) -> None:
     """Side channel handler of `INTEGRITY_REQUEST` (after the request line was read).
     Bad requests are answered with `{"ok": false, "kind": "refused"}`, never a crash."""
-    endpoint.integrity_requests = getattr(endpoint, "integrity_requests", 0) + 1
     (length,) = _LENGTH.unpack(_recv_exact(conn, _LENGTH.size))
     try:
         if length > MAX_REQUEST_NBYTES:

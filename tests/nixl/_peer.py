@@ -80,7 +80,7 @@ def _answer(command, endpoints, memories, host_pages) -> tuple:
     if kind == "notified":
         return "notified", [e.reads_done(command[1]) for e in endpoints]
     if kind == "counts":
-        return "counts", ([dict(e._reads_done) for e in endpoints],
+        return "counts", ([e.reads_done_counts for e in endpoints],
                           sum(len(e.foreign_notifications) for e in endpoints))
     raise ValueError(f"unknown command {command!r}")
 

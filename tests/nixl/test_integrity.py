@@ -224,7 +224,7 @@ def test_integrity_off_changes_nothing():
                     source.wait_for_reads(request_id, count, timeout_s=10)
             results[integrity] = (memory.copy(), dataclasses.replace(stats, elapsed_s=0),
                                   [s.reads_done(CASE.request_ids[0]) for s in sources],
-                                  [getattr(s, "integrity_requests", 0) for s in sources])
+                                  [s.integrity_requests for s in sources])
     (off_bytes, off_stats, off_notes, off_asked), (on_bytes, on_stats, on_notes, on_asked) = \
         results[False], results[True]
     assert np.array_equal(off_bytes, CASE.expected_dst(DST_RANK)) and np.array_equal(off_bytes, on_bytes)

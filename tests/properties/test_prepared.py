@@ -1,10 +1,10 @@
 """Prepared-once tables and batch indices (`ssm_split._prepared`) against the per-batch
 expansion and the reference model.
 
-The same flat numpy "memories" as `test_expand.py`: descriptors picked from the tables
-by a batch's indices are applied as byte copies, and must leave exactly the bytes that
-`expand_plan`'s descriptors leave (which `test_expand.py` checks against
-`reference.shard`). The descriptor count after NIXL's merging is checked against a
+The same flat numpy "memories" as `test_expand.py`, filled with random bytes:
+descriptors picked from the tables by a batch's indices are applied as byte copies, and
+must leave exactly the bytes that `expand_plan`'s descriptors leave (which
+`test_expand.py` checks against `reference.shard`). The descriptor count after NIXL's merging is checked against a
 direct simulation of NIXL's rule here, and against NIXL itself in `tests/nixl/`.
 """
 
@@ -16,7 +16,6 @@ from hypothesis import given
 
 from ssm_split import (BlockRangeError, Buffer, LayerRegion, Mamba2Spec, PlanError, RegionSet,
                        expand_plan, index_batch, page_layout, plan_reads, prepare_tables)
-from ssm_split.reference import random_state, shard
 from tests.properties.test_expand import Memory, buffer_of, expansion_cases, make_regions
 
 
@@ -36,28 +35,23 @@ def nixl_merged_count(tables, indices) -> int:
 
 @given(expansion_cases())
 def test_indexed_batches_move_the_same_bytes_as_the_expansion(case):
-    spec, src_tp, dst_tp, n_layers = case["spec"], case["src_tp"], case["dst_tp"], case["num_layers"]
-    pairs = case["pairs"]
-    rng = np.random.default_rng(case["seed"])
-    src_page = page_layout(spec, src_tp, 0).content_nbytes + case["src_pad"]
-    dst_page = page_layout(spec, dst_tp, 0).content_nbytes + case["dst_pad"]
-    common = {"num_layers": n_layers, "num_blocks": case["num_blocks"], "gap_nbytes": case["gap"]}
-    src_regions = [make_regions(case["src_order"], (rank + 1) << 32, page_nbytes=src_page,
-                                device_id=rank, **common) for rank in range(src_tp)]
+    # random bytes everywhere: whatever the src holds, both paths must copy the same
+    # bytes to the same places (test_expand.py checks the expansion against the reference)
+    spec, src_tp, dst_tp = case["spec"], case["src_tp"], case["dst_tp"]
+    pairs, rng = case["pairs"], np.random.default_rng(case["seed"])
+    common = {"num_layers": case["num_layers"], "num_blocks": case["num_blocks"], "gap_nbytes": case["gap"]}
+    src_regions = [make_regions(case["src_order"], (rank + 1) << 32, device_id=rank, **common,
+                                page_nbytes=page_layout(spec, src_tp, 0).content_nbytes + case["src_pad"])
+                   for rank in range(src_tp)]
     src_mem = [Memory(r, rng) for r in src_regions]
-    for layer in range(n_layers):  # reference pages where the batch reads, junk elsewhere
-        for i in range(len(pairs)):
-            state = random_state(spec, case["seed"] + 7919 * layer + i)
-            for rank, page in enumerate(shard(spec, state, src_tp, page_nbytes=src_page)):
-                src_mem[rank].data[src_mem[rank].page(layer, int(pairs[i, 0]))] = page
-
+    dst_page = page_layout(spec, dst_tp, 0).content_nbytes + case["dst_pad"]
     for dst_rank in range(dst_tp):
         plan = plan_reads(spec, src_tp, dst_tp, dst_rank)
         dst_regions = make_regions(case["dst_order"], 1 << 40, page_nbytes=dst_page, device_id=7, **common)
         tables = [prepare_tables(plan, r, src_regions[r], dst_regions) for r in plan.src_ranks]
         indexed = index_batch(tables, pairs, layers=case["layers"])
         expansion = expand_plan(plan, src_regions, dst_regions, pairs, layers=case["layers"])
-        by_prepared, by_expansion = Memory(dst_regions, rng), None
+        by_prepared = Memory(dst_regions, rng)
         by_expansion = by_prepared.data.copy()
         for t, ranked, expanded in zip(tables, indexed.ranks, expansion.ranks):
             assert ranked.src_rank == t.src_rank == expanded.src_rank
