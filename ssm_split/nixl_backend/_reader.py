@@ -113,6 +113,8 @@ class Reader:
             HandshakeError: undecodable bytes, a src TP that differs from earlier peers,
                 or metadata that NIXL rejects or that names another agent.
             SpecMismatchError: the src state is not this endpoint's (names the fields).
+            ShardingError, PlanError: no plan between the two TP sizes, or regions that
+                cannot be tabulated (`prepare_tables`).
             TransferError: NIXL refused the lists (regions outside the memory the src
                 registered); the rank is not connected then.
         """

@@ -105,10 +105,13 @@ def test_lists_replaced_under_a_read_in_flight_are_released_once_it_settled():
             pending = reader.start_read(case.pairs_array, "first")  # not polled yet
             reader.connect_to(*src.address)  # new lists; the READ still holds the old ones
             assert reader._lists[0] is not before and not before.released
-            # reconnecting reloads the src's metadata: NIXL fails the READ posted before
-            with pytest.raises(TransferError, match="READ from src rank 0 failed") as info:
+            # reconnecting reloads the src's metadata: NIXL may fail the READ posted
+            # before ("invalidated during transfer"), or report it done if it was
+            try:
                 pending.wait()
-            assert info.value.request == "first" and pending.status == "failed"
+                assert np.array_equal(memory, case.expected_dst(0))
+            except TransferError as error:
+                assert error.request == "first" and pending.status == "failed"
             assert pending.wait_settled(timeout_s=10)
             assert before.released and not reader._lists[0].released
             memory[:] = case.dst_memory()
