@@ -124,6 +124,16 @@ class RegionSet:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def layers_adjacent(self) -> bool:
+        """True when, for every block, each layer's page ends where the next layer's page
+        starts in the same buffer (block-major memory such as `packed(order="block")`):
+        then one descriptor can cover several layers of a block."""
+        pairs = zip(self.layers, self.layers[1:])
+        return self.num_layers > 1 and all(
+            a.buffer == b.buffer and b.base_addr == a.base_addr + a.page_nbytes
+            and a.page_stride_nbytes == b.page_stride_nbytes for a, b in pairs)
+
     def device_id(self, layer: int) -> int:
         """The device holding `layer`'s pages."""
         return self.buffers[self.layers[layer].buffer].device_id

@@ -9,7 +9,10 @@
 One `make_prepped_xfer("READ", ...)` per src rank and batch, in one of two ways
 (`Reader(..., prepare=...)`, docs/backend.md compares them):
 
-- `"once"` (default), NIXL's "prepare once, make many": at connect, the local and remote
+- `"auto"` (default): `"per-batch"` when the dst pages of one block's layers are adjacent
+  (`RegionSet.layers_adjacent`, e.g. block-major memory), where only per-batch lists merge
+  across layers; `"once"` otherwise (e.g. vLLM's one region per layer).
+- `"once"`, NIXL's "prepare once, make many": at connect, the local and remote
   lists of every (layer, plan read, block) descriptor of that src rank are prepared once
   (`prepare_tables`, Nx5 strided lists); a batch only computes two index arrays
   (`index_batch`), and NIXL merges runs of consecutive dense indices.
@@ -47,7 +50,7 @@ from ._sidechannel import fetch_handshake_bytes
 
 __all__ = ["Peer", "Reader", "PendingRead", "ReadStats", "PREPARE_MODES"]
 
-PREPARE_MODES = ("once", "per-batch")
+PREPARE_MODES = ("auto", "once", "per-batch")
 _HINTS = {
     "nixlNotFoundError": " A descriptor lies outside memory registered on its side: deregistered "
                          "pages, or a stale handshake (fetch a new one).",
@@ -75,7 +78,9 @@ class Reader:
 
     Args:
         endpoint: this dst rank's endpoint (its spec, tp, rank, regions and agent).
-        prepare: `"once"` (NIXL lists prepared per src rank at connect, a batch only
+        prepare: `"auto"` (the default: `"per-batch"` when the dst pages of a block's
+            layers are adjacent, `"once"` otherwise), `"once"` (NIXL lists prepared per
+            src rank at connect, a batch only
             builds index arrays) or `"per-batch"` (lists of the batch's descriptors,
             merged across segments, blocks and layers, prepared for each READ).
         check_generation: after each batch, check that no src rank deregistered or
@@ -88,12 +93,14 @@ class Reader:
             bytes landed and before they are checked (fault injection in tests).
     """
 
-    def __init__(self, endpoint: Endpoint, *, prepare: str = "once", check_generation: bool = True,
+    def __init__(self, endpoint: Endpoint, *, prepare: str = "auto", check_generation: bool = True,
                  integrity: bool = False):
         if not isinstance(endpoint, Endpoint):
             raise PlanError(f"Reader needs an Endpoint, got {type(endpoint).__name__}.")
         if prepare not in PREPARE_MODES:
             raise PlanError(f"prepare must be one of {PREPARE_MODES}, got {prepare!r}.")
+        if prepare == "auto":
+            prepare = "per-batch" if endpoint.regions.layers_adjacent else "once"
         self.endpoint, self.prepare = endpoint, prepare
         self.peers: dict[int, Peer] = {}
         self._lists: dict[int, PeerLists] = {}

@@ -109,6 +109,22 @@ def test_equal_tp_block_major_batch_is_one_descriptor_per_rank_and_moves_right()
                 assert np.array_equal(dst_memory[rank], case.expected_dst(rank))
 
 
+def test_auto_prepares_per_batch_only_where_layers_of_a_block_are_adjacent():
+    # block-major dst pages merge across layers only with per-batch lists; the default
+    # picks them there, and prepared-once lists for vLLM-style layer-major memory
+    spec = Mamba2Spec(num_heads=4, head_dim=2, n_groups=2, state_size=4)
+    for order, expected in (("block", "per-batch"), ("layer", "once")):
+        case = Case(spec, 2, 2, pairs=((3, 5), (4, 6), (5, 7)), src_order=order,
+                    dst_order=order, src_pad=0, dst_pad=0)
+        with cluster(case, "auto") as (_, readers, dst_memory):
+            for rank, reader in enumerate(readers):
+                assert reader.prepare == expected
+                stats = reader.read(case.pairs_array, "batch-0")
+                if order == "block":
+                    assert stats.n_descriptors == 1
+                assert np.array_equal(dst_memory[rank], case.expected_dst(rank))
+
+
 def test_equal_tp_layer_major_consecutive_blocks_merge_per_layer_when_prepared_once():
     # whole-page reads of blocks consecutive on both sides, pages without padding: NIXL
     # merges each layer's run of dense consecutive indices

@@ -273,3 +273,15 @@ def test_region_validation():
         Buffer(0, 0)
     with pytest.raises(PlanError, match="order must be"):
         RegionSet.packed(0, num_layers=1, num_blocks=1, page_nbytes=1, order="diagonal")
+
+
+def test_layers_adjacent_only_where_a_block_s_layers_are_back_to_back():
+    block = RegionSet.packed(4096, num_layers=3, num_blocks=5, page_nbytes=64, order="block")
+    layer = RegionSet.packed(4096, num_layers=3, num_blocks=5, page_nbytes=64, order="layer")
+    one_block = RegionSet.packed(4096, num_layers=3, num_blocks=1, page_nbytes=64, order="layer")
+    separate = RegionSet.per_layer([4096, 4096 + 64], num_blocks=1, page_nbytes=64)
+    single = RegionSet.packed(4096, num_layers=1, num_blocks=5, page_nbytes=64, order="block")
+    assert block.layers_adjacent and one_block.layers_adjacent
+    assert not layer.layers_adjacent
+    assert not separate.layers_adjacent  # adjacent addresses, but two buffers
+    assert not single.layers_adjacent
