@@ -155,6 +155,19 @@ def _block_ids(values: Sequence[int], name: str) -> tuple[int, ...]:
     return tuple(int(b) for b in ids)
 
 
+
+def _layer_memory(plan: Plan, dst_base_addrs, dst_page_stride_nbytes, src_base_addrs,
+                  src_page_stride_nbytes):
+    """Checked per-layer `(dst_bases, dst_strides, src_bases, src_strides)`: bases and
+    strides in bytes, one per layer; `src_bases[src_rank][layer]`."""
+    dst_bases = tuple(int(a) for a in dst_base_addrs)
+    n_layers = len(dst_bases)
+    dst_strides = _per_layer(dst_page_stride_nbytes, n_layers, "dst_page_stride_nbytes")
+    src_strides = _per_layer(src_page_stride_nbytes, n_layers, "src_page_stride_nbytes")
+    _check_strides(dst_strides, plan.dst_content_nbytes, "dst")
+    _check_strides(src_strides, plan.src_content_nbytes, "src")
+    return dst_bases, dst_strides, _src_bases(src_base_addrs, plan, n_layers), src_strides
+
 def block_descriptors(plan: Plan, dst_block_ids: Sequence[int], src_block_ids: Sequence[int], *,
                       dst_base_addrs: Sequence[int],
                       dst_page_stride_nbytes: int | Sequence[int],
@@ -187,13 +200,9 @@ def block_descriptors(plan: Plan, dst_block_ids: Sequence[int], src_block_ids: S
     if len(dst_blocks) != len(src_blocks):
         raise BlockRangeError(f"{len(dst_blocks)} dst blocks but {len(src_blocks)} src blocks; "
                               f"each dst block is filled from one src block.")
-    dst_bases = tuple(int(a) for a in dst_base_addrs)
+    dst_bases, dst_strides, src_bases, src_strides = _layer_memory(
+        plan, dst_base_addrs, dst_page_stride_nbytes, src_base_addrs, src_page_stride_nbytes)
     n_layers = len(dst_bases)
-    dst_strides = _per_layer(dst_page_stride_nbytes, n_layers, "dst_page_stride_nbytes")
-    src_strides = _per_layer(src_page_stride_nbytes, n_layers, "src_page_stride_nbytes")
-    _check_strides(dst_strides, plan.dst_content_nbytes, "dst")
-    _check_strides(src_strides, plan.src_content_nbytes, "src")
-    src_bases = _src_bases(src_base_addrs, plan, n_layers)
     result = []
     for pairs in connector_read_offsets(plan):
         local, remote = [], []
@@ -231,13 +240,9 @@ def strided_descriptors(plan: Plan, *, dst_base_addrs: Sequence[int],
     for name, value in (("dst_num_blocks", dst_num_blocks), ("src_num_blocks", src_num_blocks)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise PlanError(f"`{name}` must be an int >= 1, got {value!r}.")
-    dst_bases = tuple(int(a) for a in dst_base_addrs)
+    dst_bases, dst_strides, src_bases, src_strides = _layer_memory(
+        plan, dst_base_addrs, dst_page_stride_nbytes, src_base_addrs, src_page_stride_nbytes)
     n_layers = len(dst_bases)
-    dst_strides = _per_layer(dst_page_stride_nbytes, n_layers, "dst_page_stride_nbytes")
-    src_strides = _per_layer(src_page_stride_nbytes, n_layers, "src_page_stride_nbytes")
-    _check_strides(dst_strides, plan.dst_content_nbytes, "dst")
-    _check_strides(src_strides, plan.src_content_nbytes, "src")
-    src_bases = _src_bases(src_base_addrs, plan, n_layers)
     result = {}
     for pairs in connector_read_offsets(plan):
         rank = pairs.src_rank
