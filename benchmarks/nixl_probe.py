@@ -34,6 +34,22 @@ def _target(conn, nbytes: int) -> None:
     conn.close()
 
 
+def time_copy(src, repeats: int = 10, warmups: int = 3) -> float:
+    """Mean seconds of `torch` device-to-device `copy_` of the CUDA tensor `src` into a
+    tensor like it, after `warmups` untimed copies."""
+    import torch
+
+    dst = torch.empty_like(src)
+    for _ in range(warmups):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats
+
+
 def _descs(base: int, offsets, nbytes, dev: int):
     import numpy as np
 
@@ -119,17 +135,8 @@ def main(out_path: str) -> None:
                   flush=True)
         agent.remove_remote_agent(remote)
         del agent
-    # torch references: a plain copy of 1 GiB, and 4096 x 256 KiB slices copied one by one
-    a = torch.empty(GIB // 4, dtype=torch.int32, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    t_copy = (time.perf_counter() - t0) / 10
+    # torch reference: a plain copy of 1 GiB
+    t_copy = time_copy(torch.empty(GIB // 4, dtype=torch.int32, device="cuda"))
     records.append(dict(config="torch", pattern="copy_", desc_nbytes=GIB, descriptors=1,
                         requests=1, median_s=t_copy, gbps=GIB / t_copy / 1e9, us_per_desc=None))
     print(f"torch copy_ 1 GiB: {t_copy * 1e3:.3f} ms, {GIB / t_copy / 1e9:.1f} GB/s")

@@ -110,20 +110,14 @@ def _gather_probe() -> list[dict]:
     """Correctness and speed of the Triton gather against torch copy_."""
     import torch
 
+    from nixl_probe import time_copy  # benchmarks/ is on sys.path when run as a script
     from ssm_split.nixl_backend import _gather
 
     out = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randint(-(1 << 31), (1 << 31) - 1, (GIB // 4,), dtype=torch.int32, device="cuda", generator=gen)
     b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    t = (time.perf_counter() - t0) / 10
+    t = time_copy(a)
     out.append(dict(what="copy_", piece_nbytes=GIB, median_s=t, gbps=GIB / t / 1e9))
     import numpy as np
 
