@@ -205,19 +205,24 @@ class Reader:
         return peer
 
     def warm_up(self, *, timeout_s: float = 10.0) -> None:
-        """Read every peer's 16-byte scratch header: sets the connection up (the first
-        READ to a peer pays it) and checks the peer is the generation its handshake says.
+        """Read every peer's 16-byte scratch header: sets the connections up (the first
+        READ to a peer pays it, on every UCX worker thread) and checks the peer is the generation its handshake says.
 
         Raises:
             HandshakeError: a peer re-registered since its handshake (stale).
             TransferError: a peer did not answer.
         """
         own = self.endpoint
-        local = np.array([[own.scratch.addr + 16, 16, own.scratch.device_id]], dtype=np.uint64)
+        # With UCX worker threads, each thread has its own connection and UCX hands a
+        # thread work only in READs of >= 1024 descriptors: repeat the header read so
+        # every thread connects here rather than in the first real batch.
+        count = 1024 * own.num_threads if own.num_threads else 1
+        local = np.tile(np.array([[own.scratch.addr + 16, 16, own.scratch.device_id]],
+                                 dtype=np.uint64), (count, 1))
         for rank in sorted(self.peers):
             peer = self.peers[rank]
             s = peer.handshake.scratch
-            remote = np.array([[s.addr, 16, s.device_id]], dtype=np.uint64)
+            remote = np.tile(np.array([[s.addr, 16, s.device_id]], dtype=np.uint64), (count, 1))
             self._start({rank: (local, remote)}, ("warm-up",), timeout_s, b"", (0, 0, 0)).wait()
             header = read_bytes(own.scratch_memory, 16, 16)
             generation = int.from_bytes(header[8:], "little")

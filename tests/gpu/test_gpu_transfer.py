@@ -81,6 +81,7 @@ def dst_ranks(case: Case, engine: SrcEngine):
         memory = to_device(case.dst_memory())
         endpoint = Endpoint(case.spec, tp=case.dst_tp, rank=rank, memory=[memory],
                             regions=case.regions("dst", address(memory)))
+        assert endpoint.num_threads == (4 if DEVICE == "cuda" else 0)  # the default by memory type
         reader = Reader(endpoint)
         for host, port in engine.addresses:
             reader.connect_to(host, port)

@@ -62,6 +62,7 @@ def cluster(case: Case, prepare: str = "once"):
             endpoint = stack.enter_context(Endpoint(
                 case.spec, tp=case.dst_tp, rank=rank, memory=[memory],
                 regions=case.regions("dst", memory.ctypes.data)))
+            assert endpoint.num_threads == 0  # DRAM: NIXL's default unless told otherwise
             reader = stack.enter_context(Reader(endpoint, prepare=prepare))
             for source in sources:
                 reader.connect_to(*source.address)
@@ -162,3 +163,29 @@ def test_empty_batch_moves_nothing(prepare):
         stats = readers[0].read(np.zeros((0, 2), np.int64), "nothing")
         assert (stats.n_descriptors, stats.nbytes, stats.n_transfers) == (0, 0, 0)
         assert np.array_equal(dst_memory[0], case.dst_memory())
+
+
+def test_warm_up_and_reads_with_ucx_worker_threads():
+    # with worker threads the warm-up posts >= 1024 header reads so every thread
+    # connects; the batch after it still lands byte for byte
+    case = CASES[sorted(CASES)[0]]
+    with contextlib.ExitStack() as stack:
+        src_memory = [case.src_memory(r) for r in range(case.src_tp)]
+        sources = []
+        for rank, memory in enumerate(src_memory):
+            endpoint = stack.enter_context(Endpoint(
+                case.spec, tp=case.src_tp, rank=rank, memory=[memory],
+                regions=case.regions("src", memory.ctypes.data)))
+            endpoint.serve("127.0.0.1", 0)
+            sources.append(endpoint)
+        memory = case.dst_memory()
+        endpoint = stack.enter_context(Endpoint(
+            case.spec, tp=case.dst_tp, rank=0, memory=[memory],
+            regions=case.regions("dst", memory.ctypes.data), num_threads=2))
+        assert endpoint.num_threads == 2
+        reader = stack.enter_context(Reader(endpoint))
+        for source in sources:
+            reader.connect_to(*source.address)
+        reader.warm_up()
+        reader.read(case.pairs_array, case.request_ids)
+        assert np.array_equal(memory, case.expected_dst(0))
