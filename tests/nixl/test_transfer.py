@@ -45,8 +45,9 @@ PREPARE = ["once", "per-batch"]
 
 
 @contextlib.contextmanager
-def cluster(case: Case, prepare: str = "once"):
-    """Served src endpoints and connected dst readers, closed afterwards."""
+def cluster(case: Case, prepare: str = "once", num_threads: int | None = None):
+    """Served src endpoints and connected dst readers (their endpoints with `num_threads`
+    UCX worker threads; None: the default), closed afterwards."""
     stack = contextlib.ExitStack()
     with stack:
         src_memory = [case.src_memory(r) for r in range(case.src_tp)]
@@ -61,8 +62,9 @@ def cluster(case: Case, prepare: str = "once"):
         for rank, memory in enumerate(dst_memory):
             endpoint = stack.enter_context(Endpoint(
                 case.spec, tp=case.dst_tp, rank=rank, memory=[memory],
-                regions=case.regions("dst", memory.ctypes.data)))
-            assert endpoint.num_threads == 0  # DRAM: NIXL's default unless told otherwise
+                regions=case.regions("dst", memory.ctypes.data), num_threads=num_threads))
+            # DRAM: NIXL's default (0) unless told otherwise
+            assert endpoint.num_threads == (0 if num_threads is None else num_threads)
             reader = stack.enter_context(Reader(endpoint, prepare=prepare))
             for source in sources:
                 reader.connect_to(*source.address)
@@ -169,23 +171,8 @@ def test_warm_up_and_reads_with_ucx_worker_threads():
     # with worker threads the warm-up posts >= 1024 header reads so every thread
     # connects; the batch after it still lands byte for byte
     case = CASES[sorted(CASES)[0]]
-    with contextlib.ExitStack() as stack:
-        src_memory = [case.src_memory(r) for r in range(case.src_tp)]
-        sources = []
-        for rank, memory in enumerate(src_memory):
-            endpoint = stack.enter_context(Endpoint(
-                case.spec, tp=case.src_tp, rank=rank, memory=[memory],
-                regions=case.regions("src", memory.ctypes.data)))
-            endpoint.serve("127.0.0.1", 0)
-            sources.append(endpoint)
-        memory = case.dst_memory()
-        endpoint = stack.enter_context(Endpoint(
-            case.spec, tp=case.dst_tp, rank=0, memory=[memory],
-            regions=case.regions("dst", memory.ctypes.data), num_threads=2))
-        assert endpoint.num_threads == 2
-        reader = stack.enter_context(Reader(endpoint))
-        for source in sources:
-            reader.connect_to(*source.address)
-        reader.warm_up()
-        reader.read(case.pairs_array, case.request_ids)
-        assert np.array_equal(memory, case.expected_dst(0))
+    with cluster(case, num_threads=2) as (_, readers, dst_memory):
+        for rank, reader in enumerate(readers):
+            reader.warm_up()
+            reader.read(case.pairs_array, case.request_ids)
+            assert np.array_equal(dst_memory[rank], case.expected_dst(rank))
