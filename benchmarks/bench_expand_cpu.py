@@ -24,7 +24,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import ssm_split  # noqa: E402
-from ssm_split._expand import RegionSet, expand_plan  # noqa: E402
+from ssm_split.layout._regions import RegionSet
+from ssm_split.expand._expand import expand_plan
 
 CASES = [("qwen3.5-27b", 1, 2), ("qwen3.5-27b", 2, 1), ("nemotron-h-56b", 2, 4)]
 
@@ -97,12 +98,12 @@ def main(argv=None) -> int:
                                       np.stack([rd.dst_descs[:, 0], rd.src_descs[:, 0], rd.dst_descs[:, 1]], 1))
                        for rd in exp.ranks)
             rec = dict(model=name, src_tp=src_tp, dst_tp=dst_tp, dst_rank=dst_rank, layers=opts.layers,
-                       requests=opts.requests, reads=exp.n_reads, descriptors=exp.n_descriptors,
+                       requests=opts.requests, reads=exp.num_reads, descriptors=exp.num_descriptors,
                        expand_s=t_vec, python_loop_s=t_loop, speedup=t_loop / t_vec, same_descriptors=same,
                        cpu=f"{platform.machine()}, {os.cpu_count()} cores", numpy=np.__version__,
                        python=platform.python_version())
             records.append(rec)
-            print(f"{name:16} {src_tp}->{dst_tp} dst {dst_rank}: {exp.n_reads:>8} reads -> {exp.n_descriptors:>8} "
+            print(f"{name:16} {src_tp}->{dst_tp} dst {dst_rank}: {exp.num_reads:>8} reads -> {exp.num_descriptors:>8} "
                   f"descriptors  expand {t_vec * 1e3:7.1f} ms  loop {t_loop * 1e3:8.1f} ms  "
                   f"{t_loop / t_vec:5.1f}x  same={same}", flush=True)
     if opts.out:

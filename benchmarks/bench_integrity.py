@@ -29,7 +29,7 @@ import numpy as np
 os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
 
 from ssm_split import RegionSet, model, page_layout, plan_reads  # noqa: E402
-from ssm_split._integrity import PageMemory, dst_digests, src_digests  # noqa: E402
+from ssm_split.integrity._digests import PageMemory, dst_digests, src_digests  # noqa: E402
 from ssm_split.nixl_backend import Endpoint, Reader  # noqa: E402
 
 CASES = [  # (label, preset, src_tp, dst_tp, layers, requests)

@@ -98,10 +98,10 @@ def _connect_costs(reader, repeats: int) -> dict:
            "descriptors_per_side": 0}
     for rank in plan.src_ranks:
         peer = reader.peers[rank]
-        out["tables_s"] += _median_s(lambda: ssm_split.prepare_tables(plan, rank, peer.handshake.regions,
+        out["tables_s"] += _median_s(lambda: ssm_split.expand.prepare_tables(plan, rank, peer.handshake.regions,
                                                                       own.regions), repeats)
-        tables = ssm_split.prepare_tables(plan, rank, peer.handshake.regions, own.regions)
-        out["descriptors_per_side"] += tables.dst_table.n_descriptors
+        tables = ssm_split.expand.prepare_tables(plan, rank, peer.handshake.regions, own.regions)
+        out["descriptors_per_side"] += tables.dst_table.num_descriptors
         for form, local, remote in (("nx5", tables.dst_table.rows.copy(), tables.src_table.rows.copy()),
                                     ("nx3", tables.dst_table.descriptors(), tables.src_table.descriptors())):
             rss = _rss()
@@ -124,11 +124,11 @@ def _host_side_s(reader, pairs, repeats: int) -> tuple[float, int]:
     count = [0]
 
     def once():
-        indexed = ssm_split.index_batch([reader._lists[r].tables for r in plan.src_ranks], pairs)
+        indexed = ssm_split.expand.index_batch([reader._lists[r].tables for r in plan.src_ranks], pairs)
         for r in indexed.ranks:
             lists = reader._lists[r.src_rank]
             agent.make_prepped_xfer("READ", lists.local, r.dst_indices, lists.remote, r.src_indices).release()
-        count[0] = indexed.n_descriptors
+        count[0] = indexed.num_descriptors
 
     def per_batch():
         expansion = reader.expand(pairs)
@@ -136,11 +136,11 @@ def _host_side_s(reader, pairs, repeats: int) -> tuple[float, int]:
             peer = reader.peers[r.src_rank]
             local = agent.prep_xfer_dlist(LOCAL_AGENT, r.dst_descs, own.mem_type)
             remote = agent.prep_xfer_dlist(peer.agent_name, r.src_descs, peer.handshake.mem_type)
-            index = np.arange(r.n_descriptors, dtype=np.int32)
+            index = np.arange(r.num_descriptors, dtype=np.int32)
             agent.make_prepped_xfer("READ", local, index, remote, index).release()
             local.release()
             remote.release()
-        count[0] = expansion.n_descriptors
+        count[0] = expansion.num_descriptors
 
     fn = once if reader.prepare == "once" else per_batch
     fn()

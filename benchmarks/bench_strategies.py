@@ -1,6 +1,6 @@
 """Run the issue's benchmark suites with `ssm-split bench` and write one JSON + one PNG.
 
-Each case starts fresh src/dst rank processes (`ssm_split.nixl_backend._bench`):
+Each case starts fresh src/dst rank processes (`ssm_split.bench`):
 
 - `qwen`: Qwen3.5-27B, 48 GDN layers, 1 -> 2 and 2 -> 1, batches 8..64, per-layer regions
   (vLLM's layout: baseline, ssm_split, staged, packed); `qwen-stacked`: the stacked layout
@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ssm_split.nixl_backend import _bench  # noqa: E402
+from ssm_split.bench import _run as _bench  # noqa: E402
 
 QWEN = "--model qwen3.5-27b --layers 48"
 NEMOTRON = "--model nemotron-h-56b --layers 16 --blocks 96 --src-tp 2 --dst-tp 4"

@@ -10,8 +10,8 @@ same way. Plans are then checked against it: applying the reads of `plan_reads` 
 A full Mamba2 state, as this module holds it (`rows = conv_kernel - 1 + spec_tokens`)::
 
     state["conv.x"]    shape (num_heads * head_dim, rows)    one row per channel
-    state["conv.B"]    shape (n_groups * state_size, rows)
-    state["conv.C"]    shape (n_groups * state_size, rows)
+    state["conv.B"]    shape (num_groups * state_size, rows)
+    state["conv.C"]    shape (num_groups * state_size, rows)
     state["temporal"]  shape (num_heads, head_dim, state_size)
 
 and rank r of tp=2 (8 heads, 1 group, so B and C are replicated)::
@@ -31,9 +31,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ._errors import PlanError, ShardingError, StateError
-from ._plan import Plan
-from ._spec import (
+from .errors import PlanError, ShardingError, StateError
+from .plan._plan import Plan
+from .specs._spec import (
     GDNSpec,
     LinearAttentionSpec,
     Mamba1Spec,
@@ -71,7 +71,7 @@ def element_dtype(dtype_name: str) -> np.dtype:
 
 def _conv_pieces(spec: Spec) -> tuple[tuple[str, int, int, bool], ...]:
     if isinstance(spec, Mamba2Spec):
-        groups = (spec.n_groups, spec.state_size, True)
+        groups = (spec.num_groups, spec.state_size, True)
         return (("conv.x", spec.num_heads, spec.head_dim, False),
                 ("conv.B", *groups), ("conv.C", *groups))
     if isinstance(spec, GDNSpec):
@@ -103,15 +103,15 @@ def _rows(spec: Spec) -> int:
     return spec.conv_kernel - 1 + spec.spec_tokens
 
 
-def _held(name: str, n_units: int, replicable: bool, tp: int, rank: int) -> range:
+def _held(name: str, num_units: int, replicable: bool, tp: int, rank: int) -> range:
     """The design's rule: a contiguous 1/tp of the units, or one replicated unit."""
-    if n_units % tp == 0:
-        per_rank = n_units // tp
+    if num_units % tp == 0:
+        per_rank = num_units // tp
         return range(rank * per_rank, (rank + 1) * per_rank)
-    if replicable and tp % n_units == 0:
-        unit = rank // (tp // n_units)
+    if replicable and tp % num_units == 0:
+        unit = rank // (tp // num_units)
         return range(unit, unit + 1)
-    raise ShardingError(f"reference: `{name}` has {n_units} units, which tp={tp} can neither "
+    raise ShardingError(f"reference: `{name}` has {num_units} units, which tp={tp} can neither "
                         f"shard evenly nor replicate.")
 
 
@@ -123,8 +123,8 @@ def state_shapes(spec: Spec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """
     check_is_spec(spec)
     shapes = {}
-    for name, n_units, width, _ in _conv_pieces(spec):
-        shapes[name] = ((n_units * width, _rows(spec)), element_dtype(spec.conv_dtype))
+    for name, num_units, width, _ in _conv_pieces(spec):
+        shapes[name] = ((num_units * width, _rows(spec)), element_dtype(spec.conv_dtype))
     temporal = _temporal_shape(spec)
     if temporal is not None:
         shapes["temporal"] = (temporal, element_dtype(spec.ssm_dtype))

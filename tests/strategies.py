@@ -158,7 +158,7 @@ def specs(draw, *, tps: Sequence[int] = (1,), families: Sequence[str] = FAMILIES
     if family == "gdn":
         return GDNSpec(num_k_heads=units, num_v_heads=heads, head_k_dim=draw(dim),
                        head_v_dim=draw(dim), ssm_dtype=ssm_dtype, **conv)
-    return Mamba2Spec(num_heads=heads, head_dim=draw(dim), n_groups=units, state_size=draw(dim),
+    return Mamba2Spec(num_heads=heads, head_dim=draw(dim), num_groups=units, state_size=draw(dim),
                       ssm_dtype=ssm_dtype, **conv)
 
 
@@ -227,7 +227,7 @@ def unshardable_cases(draw, *, max_tp: int = 8, families: Sequence[str] = FAMILI
         return Mamba1Spec(intermediate_size=odd, state_size=2), tp
     if family == "gdn":
         return GDNSpec(num_k_heads=units, num_v_heads=heads, head_k_dim=2, head_v_dim=2), tp
-    return Mamba2Spec(num_heads=heads, head_dim=2, n_groups=units, state_size=2), tp
+    return Mamba2Spec(num_heads=heads, head_dim=2, num_groups=units, state_size=2), tp
 
 
 def paddings(*, max_nbytes: int = 48) -> st.SearchStrategy[int]:

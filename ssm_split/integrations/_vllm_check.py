@@ -19,11 +19,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .._errors import PlanError, SpecError
-from .._layout import page_layout
-from .._plan import Read, plan_reads
-from .._render import format_table
-from .._spec import Spec
+from ..errors import PlanError, SpecError
+from ..layout._layout import page_layout
+from ..plan._plan import Read, plan_reads
+from .._text import format_table
+from ..specs._spec import Spec
 
 __all__ = ["COMMANDS", "Row", "RankCheck", "apply_reads", "check_rank", "format_rank"]
 
@@ -173,7 +173,7 @@ def _run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .. import reference
-    from .._cli_core import resolve_model
+    from ..cli._core import resolve_model
     from ._vllm_reads import vllm_reads, vllm_version
 
     info = resolve_model(args.model)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._errors import BlockRangeError, PlanError
-from .._plan import Plan
+from ..errors import BlockRangeError, PlanError
+from ..plan._plan import Plan
 
 __all__ = ["ConnectorReads", "BlockDescriptors", "connector_read_offsets", "page_stride_nbytes",
            "block_descriptors", "strided_descriptors"]
@@ -117,16 +117,16 @@ def page_stride_nbytes(block_stride_nbytes: int, content_nbytes: int,
     return stride
 
 
-def _per_layer(value: int | Sequence[int], n_layers: int, name: str) -> tuple[int, ...]:
-    values = (value,) * n_layers if isinstance(value, (int, np.integer)) else tuple(value)
-    if len(values) != n_layers or any(isinstance(v, bool) or not isinstance(v, (int, np.integer))
+def _per_layer(value: int | Sequence[int], num_layers: int, name: str) -> tuple[int, ...]:
+    values = (value,) * num_layers if isinstance(value, (int, np.integer)) else tuple(value)
+    if len(values) != num_layers or any(isinstance(v, bool) or not isinstance(v, (int, np.integer))
                                       or v < 1 for v in values):
-        raise PlanError(f"`{name}` must be an int >= 1 or one per layer ({n_layers}), got {value!r}.")
+        raise PlanError(f"`{name}` must be an int >= 1 or one per layer ({num_layers}), got {value!r}.")
     return tuple(int(v) for v in values)
 
 
 def _src_bases(src_base_addrs: Mapping[int, Sequence[int]] | Sequence[Sequence[int]],
-               plan: Plan, n_layers: int) -> dict[int, tuple[int, ...]]:
+               plan: Plan, num_layers: int) -> dict[int, tuple[int, ...]]:
     bases = {}
     for rank in plan.src_ranks:
         try:
@@ -134,9 +134,9 @@ def _src_bases(src_base_addrs: Mapping[int, Sequence[int]] | Sequence[Sequence[i
         except (KeyError, IndexError):
             raise PlanError(f"`src_base_addrs` has no entry for src rank {rank}, which the "
                             f"plan reads from.") from None
-        if len(rank_bases) != n_layers:
+        if len(rank_bases) != num_layers:
             raise PlanError(f"`src_base_addrs[{rank}]` has {len(rank_bases)} layers, "
-                            f"`dst_base_addrs` {n_layers}; both sides list the same layers.")
+                            f"`dst_base_addrs` {num_layers}; both sides list the same layers.")
         bases[rank] = rank_bases
     return bases
 
@@ -161,12 +161,12 @@ def _layer_memory(plan: Plan, dst_base_addrs, dst_page_stride_nbytes, src_base_a
     """Checked per-layer `(dst_bases, dst_strides, src_bases, src_strides)`: bases and
     strides in bytes, one per layer; `src_bases[src_rank][layer]`."""
     dst_bases = tuple(int(a) for a in dst_base_addrs)
-    n_layers = len(dst_bases)
-    dst_strides = _per_layer(dst_page_stride_nbytes, n_layers, "dst_page_stride_nbytes")
-    src_strides = _per_layer(src_page_stride_nbytes, n_layers, "src_page_stride_nbytes")
+    num_layers = len(dst_bases)
+    dst_strides = _per_layer(dst_page_stride_nbytes, num_layers, "dst_page_stride_nbytes")
+    src_strides = _per_layer(src_page_stride_nbytes, num_layers, "src_page_stride_nbytes")
     _check_strides(dst_strides, plan.dst_content_nbytes, "dst")
     _check_strides(src_strides, plan.src_content_nbytes, "src")
-    return dst_bases, dst_strides, _src_bases(src_base_addrs, plan, n_layers), src_strides
+    return dst_bases, dst_strides, _src_bases(src_base_addrs, plan, num_layers), src_strides
 
 def block_descriptors(plan: Plan, dst_block_ids: Sequence[int], src_block_ids: Sequence[int], *,
                       dst_base_addrs: Sequence[int],
@@ -202,11 +202,11 @@ def block_descriptors(plan: Plan, dst_block_ids: Sequence[int], src_block_ids: S
                               f"each dst block is filled from one src block.")
     dst_bases, dst_strides, src_bases, src_strides = _layer_memory(
         plan, dst_base_addrs, dst_page_stride_nbytes, src_base_addrs, src_page_stride_nbytes)
-    n_layers = len(dst_bases)
+    num_layers = len(dst_bases)
     result = []
     for pairs in connector_read_offsets(plan):
         local, remote = [], []
-        for layer in range(n_layers):
+        for layer in range(num_layers):
             for (dst_offset, nbytes), (src_offset, _) in zip(pairs.local_offsets, pairs.remote_offsets):
                 for dst_block, src_block in zip(dst_blocks, src_blocks):
                     local.append((dst_bases[layer] + dst_block * dst_strides[layer] + dst_offset, nbytes))
@@ -242,15 +242,15 @@ def strided_descriptors(plan: Plan, *, dst_base_addrs: Sequence[int],
             raise PlanError(f"`{name}` must be an int >= 1, got {value!r}.")
     dst_bases, dst_strides, src_bases, src_strides = _layer_memory(
         plan, dst_base_addrs, dst_page_stride_nbytes, src_base_addrs, src_page_stride_nbytes)
-    n_layers = len(dst_bases)
+    num_layers = len(dst_bases)
     result = {}
     for pairs in connector_read_offsets(plan):
         rank = pairs.src_rank
         device = src_device_ids if isinstance(src_device_ids, int) else src_device_ids[rank]
         local = [(dst_bases[i] + off, n, dst_device_id, dst_strides[i], dst_num_blocks)
-                 for i in range(n_layers) for off, n in pairs.local_offsets]
+                 for i in range(num_layers) for off, n in pairs.local_offsets]
         remote = [(src_bases[rank][i] + off, n, device, src_strides[i], src_num_blocks)
-                  for i in range(n_layers) for off, n in pairs.remote_offsets]
+                  for i in range(num_layers) for off, n in pairs.remote_offsets]
         result[rank] = (np.array(local, dtype=np.uint64).reshape(-1, 5),
                         np.array(remote, dtype=np.uint64).reshape(-1, 5))
     return result

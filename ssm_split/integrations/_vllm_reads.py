@@ -22,9 +22,9 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from .._errors import PlanError
-from .._plan import Read
-from .._spec import GDNSpec, Mamba1Spec, Mamba2Spec, Spec, check_is_spec
+from ..errors import PlanError
+from ..plan._plan import Read
+from ..specs._spec import GDNSpec, Mamba1Spec, Mamba2Spec, Spec, check_is_spec
 from ._vllm_spec import to_vllm_mamba_spec
 
 __all__ = ["vllm_reads", "vllm_version", "vllm_conv_layout_set"]

@@ -18,11 +18,19 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 
-from .._errors import SpecError
-from .._hf_config import parse_hf_config
-from .._layout import page_layout, sharded_shapes
-from .._spec import (DTYPE_NBYTES, GDNSpec, LinearAttentionSpec, Mamba1Spec, Mamba2Spec,
-                     ShortConvSpec, Spec, check_is_spec)
+from ..errors import SpecError
+from ..specs._hf_config import parse_hf_config
+from ..layout._layout import page_layout, sharded_shapes
+from ..specs._spec import (
+    DTYPE_NBYTES,
+    GDNSpec,
+    LinearAttentionSpec,
+    Mamba1Spec,
+    Mamba2Spec,
+    ShortConvSpec,
+    Spec,
+    check_is_spec,
+)
 
 __all__ = ["MAMBA_TYPES", "vllm_conv_layout", "spec_from_vllm", "spec_from_vllm_config",
            "to_vllm_mamba_spec"]
@@ -204,7 +212,7 @@ def _parse(family: str, shapes: tuple, dtypes: tuple, tp: int, layout: str, mamb
                             f"{state} of the MambaSpec's temporal state {shapes[1]}.")
         groups = _units("groups", rest // (2 * state), tp, config, "n_groups",
                         "Granite-4.0-H and Falcon-H1 have n_groups=1")
-        return Mamba2Spec(num_heads=heads * tp, head_dim=head_dim, n_groups=groups,
+        return Mamba2Spec(num_heads=heads * tp, head_dim=head_dim, num_groups=groups,
                           state_size=state, ssm_dtype=dtypes[1], **conv)
     v_heads, dv, dk = _expect(shapes[1], 3, "GDN temporal state")
     for field, got in (("head_k_dim", dk), ("head_v_dim", dv)):

@@ -34,10 +34,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .._errors import PlanError, TransferError
-from .._expand import Buffer, RegionSet
-from .._layout import page_layout
-from .._spec import Spec, check_is_spec
+from ..errors import PlanError, TransferError
+from ..layout._regions import Buffer, RegionSet
+from ..layout._layout import page_layout
+from ..specs._spec import Spec, check_is_spec
 from ._handshake import Handshake
 from ._integrity import INTEGRITY_REQUEST, answer_integrity
 from ._nixl import make_agent

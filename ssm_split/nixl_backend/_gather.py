@@ -52,7 +52,7 @@ class GatherTable:
         word_nbytes: 4, 2 or 1.
         align_words: every offset and length is a multiple of this (4 when 16-byte
             aligned, for wide loads; else 1).
-        n_moves, nbytes: moves before chunking, and bytes moved.
+        num_moves, nbytes: moves before chunking, and bytes moved.
     """
 
     anchor: object
@@ -61,11 +61,11 @@ class GatherTable:
     len_words: object
     word_nbytes: int
     align_words: int
-    n_moves: int
+    num_moves: int
     nbytes: int
 
     @property
-    def n_chunks(self) -> int:
+    def num_chunks(self) -> int:
         return int(self.len_words.shape[0])
 
     @classmethod
@@ -133,14 +133,14 @@ def run_gather(table: GatherTable, stream=None, *, block: int = _BLOCK, num_warp
 
     `block` (words per loop step) and `num_warps` are tuning knobs (see
     `benchmarks/tune_gather.py`)."""
-    if table.n_chunks == 0:
+    if table.num_chunks == 0:
         return
     import torch
 
     kernel = _kernel()
     ctx = torch.cuda.stream(stream) if stream is not None else _null()
     with ctx:
-        kernel[(table.n_chunks,)](table.anchor, table.src_words, table.dst_words, table.len_words,
+        kernel[(table.num_chunks,)](table.anchor, table.src_words, table.dst_words, table.len_words,
                                   BLOCK=block, ALIGN=table.align_words, num_warps=num_warps)
 
 

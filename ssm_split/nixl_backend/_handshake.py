@@ -7,7 +7,7 @@ so a reader can tell a stale handshake). It never needs NIXL to encode or decode
 
 Wire format (UTF-8 JSON, at most `MAX_HANDSHAKE_NBYTES`)::
 
-    {"format": "ssm-split/handshake", "version": 1,
+    {"format": "ssm-split/handshake", "version": 2,
      "sha256": "<hex digest of the canonical JSON of body>",
      "body": {"spec": {"family": "mamba2", "fields": {...}}, "fingerprint": "<hex>",
               "tp": 2, "rank": 0, "agent_name": "...", "mem_type": "DRAM",
@@ -33,9 +33,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from .._errors import HandshakeError, SsmSplitError
-from .._expand import Buffer, LayerRegion, RegionSet
-from .._spec import SPEC_TYPES, Spec, check_is_spec, spec_fields
+from ..errors import HandshakeError, SsmSplitError
+from ..layout._regions import Buffer, LayerRegion, RegionSet
+from ..specs._spec import SPEC_TYPES, Spec, check_is_spec, spec_fields
 
 __all__ = [
     "HANDSHAKE_FORMAT",
@@ -48,7 +48,8 @@ __all__ = [
 ]
 
 HANDSHAKE_FORMAT = "ssm-split/handshake"
-HANDSHAKE_VERSION = 1
+HANDSHAKE_VERSION = 2
+"""2: spec fields use `num_*` names (`num_groups`); version 1 spoke `n_groups`."""
 MAX_HANDSHAKE_NBYTES = 16 << 20
 """Largest encoded handshake accepted (NIXL metadata is a few KiB; regions are small)."""
 MEM_TYPES = ("DRAM", "VRAM")

@@ -37,10 +37,20 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .._errors import HandshakeError, IntegrityError, StaleHandshakeError, TransferError
-from .._integrity import (DIGEST_ALGORITHM, PageMemory, digest_bytes, dst_digests, locate,
-                          merge_src_digests, mismatches, plan_pieces, pieces_from, src_digests)
-from .._plan import plan_reads
+from ..errors import HandshakeError, IntegrityError, StaleHandshakeError, TransferError
+from ..integrity._digests import (
+    DIGEST_ALGORITHM,
+    PageMemory,
+    digest_bytes,
+    dst_digests,
+    locate,
+    merge_src_digests,
+    mismatches,
+    plan_pieces,
+    pieces_from,
+    src_digests,
+)
+from ..plan._plan import plan_reads
 from ._handshake import spec_fingerprint
 from ._pending import label as _label
 from ._sidechannel import _recv_exact
@@ -262,7 +272,7 @@ class Guard:
         `Expansion` or `IndexedBatch`. Returns the check to run once the bytes landed, or
         None when there is nothing to check."""
         plan, reader = batch.plan, self.reader
-        ranks = [r.src_rank for r in batch.ranks if r.n_descriptors]
+        ranks = [r.src_rank for r in batch.ranks if r.num_descriptors]
         if not ranks or not self.defers_notification:
             return None
         layers = batch.layers.tolist()

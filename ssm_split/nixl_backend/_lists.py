@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._prepared import RankTables
+from ..expand._prepared import RankTables
 
 __all__ = ["LOCAL_AGENT", "PeerLists"]
 

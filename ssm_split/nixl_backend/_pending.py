@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .._errors import PlanError, TransferError
+from ..errors import PlanError, TransferError
 
 __all__ = ["PendingRead", "ReadStats", "label", "request_ids_of"]
 
@@ -29,15 +29,15 @@ def label(request_ids: tuple[str, ...]) -> str:
     return text if len(text) <= 120 else f"{text[:100]}... ({len(request_ids)} requests)"
 
 
-def request_ids_of(request_ids: object, n_pairs: int | None) -> tuple[str, ...]:
+def request_ids_of(request_ids: object, num_pairs: int | None) -> tuple[str, ...]:
     """A batch's request ids as a tuple of distinct non-empty strs: one per pair (or a
-    single str for the whole batch); `n_pairs` None skips the count check."""
+    single str for the whole batch); `num_pairs` None skips the count check."""
     if isinstance(request_ids, str):
         ids: tuple = (request_ids,)
     else:
         ids = tuple(request_ids)  # type: ignore[arg-type]
-        if n_pairs is not None and len(ids) != n_pairs:
-            raise PlanError(f"Got {len(ids)} request ids for {n_pairs} block pairs: pass one id "
+        if num_pairs is not None and len(ids) != num_pairs:
+            raise PlanError(f"Got {len(ids)} request ids for {num_pairs} block pairs: pass one id "
                             f"per pair, or a single str for the whole batch.")
     if not ids or not all(isinstance(i, str) and i for i in ids):
         raise PlanError(f"request ids must be non-empty strs, got {ids[:5]!r}.")
@@ -50,18 +50,18 @@ class ReadStats:
 
     Attributes:
         request_ids: the batch's request ids.
-        n_reads: plan reads x layers x requests (before merging).
-        n_descriptors: descriptors posted, after merging, over all src ranks.
+        num_reads: plan reads x layers x requests (before merging).
+        num_descriptors: descriptors posted, after merging, over all src ranks.
         nbytes: bytes moved.
-        n_transfers: NIXL transfers posted (one per src rank read from).
+        num_transfers: NIXL transfers posted (one per src rank read from).
         elapsed_s: from the first post to the last completion seen, in seconds.
     """
 
     request_ids: tuple[str, ...]
-    n_reads: int
-    n_descriptors: int
+    num_reads: int
+    num_descriptors: int
     nbytes: int
-    n_transfers: int
+    num_transfers: int
     elapsed_s: float
 
     @property
@@ -192,8 +192,8 @@ class PendingRead:
     def stats(self) -> ReadStats:
         if self._finished is None:
             raise PlanError("stats() is only known once the read completed (poll() or wait()).")
-        n_reads, n_descriptors, nbytes = self._counts
-        return ReadStats(self.request_ids, n_reads, n_descriptors, nbytes, len(self._transfers),
+        num_reads, num_descriptors, nbytes = self._counts
+        return ReadStats(self.request_ids, num_reads, num_descriptors, nbytes, len(self._transfers),
                          self._finished - self._started)
 
     def _keep_active(self, ended: Transfer | None = None) -> None:

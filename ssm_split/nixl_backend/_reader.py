@@ -36,11 +36,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .._errors import HandshakeError, PlanError, TransferError
-from .._expand import Expansion, RankedBatch, expand_plan
-from .._plan import Plan, plan_reads
-from .._prepared import index_batch, prepare_tables
-from .._spec import check_transferable
+from ..errors import HandshakeError, PlanError, TransferError
+from ..expand._expand import Expansion, RankedBatch, expand_plan
+from ..plan._plan import Plan, plan_reads
+from ..expand._prepared import index_batch, prepare_tables
+from ..specs._spec import check_transferable
 from ._endpoint import SCRATCH_MAGIC, Endpoint, encode_notification, read_bytes
 from ._handshake import Handshake, decode_handshake
 from ._integrity import Guard
@@ -246,7 +246,7 @@ class Reader:
         if self.prepare == "per-batch":
             expansion = self.expand(block_pairs, layers=layers)
             return expansion, {r.src_rank: (r.dst_descs, r.src_descs)
-                               for r in expansion.ranks if r.n_descriptors}
+                               for r in expansion.ranks if r.num_descriptors}
         plan = self.plan
         for rank in plan.src_ranks:
             self._peer(rank)
@@ -296,7 +296,7 @@ class Reader:
         batch, posts = self._batch(pairs, layers, ids)
         blocks, layer_set = set(pairs[:, 1].tolist()), set(batch.layers.tolist())
         self._check_free(blocks, layer_set)
-        counts = (batch.n_reads, batch.n_descriptors, batch.nbytes)
+        counts = (batch.num_reads, batch.num_descriptors, batch.nbytes)
         check = self._guard.prepare(batch, pairs, request_ids, ids, deadline)
         # with checks on, the src is notified only once the bytes passed them
         notif = b"" if self._guard.defers_notification else encode_notification(ids)

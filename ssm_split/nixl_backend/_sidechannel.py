@@ -25,7 +25,7 @@ import struct
 import threading
 from typing import Callable, Mapping
 
-from .._errors import HandshakeError, TransferError
+from ..errors import HandshakeError, TransferError
 from ._handshake import MAX_HANDSHAKE_NBYTES
 
 __all__ = ["REQUEST", "SideChannelServer", "fetch_handshake_bytes"]

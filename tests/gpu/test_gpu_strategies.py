@@ -43,7 +43,7 @@ def test_gather_kernel_moves_exact_bytes(align):
 def test_every_strategy_verifies_on_vram(layout, tps, monkeypatch):
     pytest.importorskip("nixl")
     monkeypatch.setenv("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")
-    from ssm_split.nixl_backend import _bench
+    from ssm_split.bench import _run as _bench
 
     parser = argparse.ArgumentParser()
     _bench.add_arguments(parser)

@@ -109,11 +109,11 @@ def read_all(sides, pairs: np.ndarray, request_id: str) -> tuple[float, list]:
 # --- correctness against the reference ------------------------------------------------------
 
 CASES = {
-    "1to2_mamba2_replicated": Case(Mamba2Spec(num_heads=8, head_dim=16, n_groups=1, state_size=16,
+    "1to2_mamba2_replicated": Case(Mamba2Spec(num_heads=8, head_dim=16, num_groups=1, state_size=16,
                                               ssm_dtype="float32"), 1, 2),
     "4to2_gdn": Case(GDNSpec(num_k_heads=2, num_v_heads=8, head_k_dim=16, head_v_dim=16), 4, 2,
                      dst_order="block"),
-    "2to4_mamba2_sd": Case(Mamba2Spec(num_heads=8, head_dim=8, n_groups=2, state_size=8,
+    "2to4_mamba2_sd": Case(Mamba2Spec(num_heads=8, head_dim=8, num_groups=2, state_size=8,
                                       conv_layout="SD"), 2, 4),
 }
 
@@ -127,7 +127,7 @@ def test_vram_transfer_matches_the_reference(name):
         try:
             _, stats = read_all(sides, case.pairs_array, f"{name}-batch")
             for rank, (_, _, memory) in enumerate(sides):
-                assert stats[rank].n_transfers == len(plans[rank].src_ranks)
+                assert stats[rank].num_transfers == len(plans[rank].src_ranks)
                 bad = mismatched_nbytes(memory, case.expected_dst(rank))
                 assert bad == 0, f"dst rank {rank}: {bad} bytes differ from reference.shard"
             counts = [sum(r in p.src_ranks for p in plans) for r in range(case.src_tp)]
@@ -212,8 +212,8 @@ def test_vram_throughput(name, src_tp, dst_tp, layers, layout):
     _record({
         "test": "vram_throughput", "model": name, "src_tp": src_tp, "dst_tp": dst_tp,
         "layers": case.num_layers, "batch": len(case.pairs), "layout": layout,
-        "reads": sum(s.n_reads for s in stats), "descriptors": sum(s.n_descriptors for s in stats),
-        "transfers": sum(s.n_transfers for s in stats), "nbytes": nbytes,
+        "reads": sum(s.num_reads for s in stats), "descriptors": sum(s.num_descriptors for s in stats),
+        "transfers": sum(s.num_transfers for s in stats), "nbytes": nbytes,
         "median_s": seconds, "gbps": nbytes / seconds / 1e9,
         "copy_limit_gbps": nbytes / copy_s / 1e9, "pct_of_copy_limit": 100 * copy_s / seconds,
         "device": "cpu (dry run)" if DEVICE == "cpu" else torch.cuda.get_device_name(),

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("nixl")
 
-from ssm_split._cli import main  # noqa: E402
+from ssm_split.cli._main import main  # noqa: E402
 
 pytestmark = pytest.mark.nixl
 

@@ -9,15 +9,15 @@ import pytest
 
 pytest.importorskip("nixl")
 
-from ssm_split import (BlockRangeError, HandshakeError, Mamba2Spec, PlanError,  # noqa: E402
-                       RegionSet, SpecMismatchError, TransferError)
+from ssm_split.errors import BlockRangeError, HandshakeError, SpecMismatchError
+from ssm_split import Mamba2Spec, PlanError, RegionSet, TransferError
 from ssm_split.nixl_backend import Endpoint, Reader, decode_handshake  # noqa: E402
 
 from ._cluster import Case  # noqa: E402
 
 pytestmark = pytest.mark.nixl
 
-CASE = Case(Mamba2Spec(num_heads=4, head_dim=2, n_groups=1, state_size=4), 1, 2)
+CASE = Case(Mamba2Spec(num_heads=4, head_dim=2, num_groups=1, state_size=4), 1, 2)
 
 
 def endpoint(case: Case, side: str, rank: int, **options) -> tuple[Endpoint, np.ndarray]:

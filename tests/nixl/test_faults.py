@@ -24,8 +24,8 @@ import pytest
 
 pytest.importorskip("nixl")
 
-from ssm_split import (HandshakeError, Mamba2Spec, PlanError, StaleHandshakeError,  # noqa: E402
-                       TransferError)
+from ssm_split.errors import HandshakeError, StaleHandshakeError
+from ssm_split import Mamba2Spec, PlanError, TransferError
 from ssm_split.nixl_backend import Endpoint, Reader, fetch_handshake_bytes  # noqa: E402
 from ssm_split.reference import shard  # noqa: E402
 
@@ -39,7 +39,7 @@ SLACK_S = 1.0
 """How far past its deadline a failure may surface (polling, a loaded CI machine)."""
 
 # 512 KiB pages at TP 1: the victim's 31-request batch is 31 MiB, tens of ms over tcp
-SPEC = Mamba2Spec(num_heads=32, head_dim=64, n_groups=1, state_size=64, ssm_dtype="float32")
+SPEC = Mamba2Spec(num_heads=32, head_dim=64, num_groups=1, state_size=64, ssm_dtype="float32")
 VICTIM = Case(SPEC, 1, 1, num_layers=2, num_blocks=40, pairs=tuple((i, i) for i in range(32)), seed=11)
 HEALTHY = Case(SPEC, 2, 1, num_layers=2, num_blocks=40, pairs=((5, 36), (0, 38)), seed=22)
 BEFORE, REST = VICTIM.pairs_array[:1], VICTIM.pairs_array[1:]

@@ -11,12 +11,13 @@ import struct
 
 import pytest
 
-from ssm_split import (Buffer, GDNSpec, HandshakeError, Mamba2Spec, RegionSet, TransferError)
+from ssm_split import Buffer, GDNSpec, Mamba2Spec, RegionSet, TransferError
+from ssm_split.errors import HandshakeError
 from ssm_split.nixl_backend import HANDSHAKE_VERSION, Handshake, decode_handshake, spec_fingerprint
 from ssm_split.nixl_backend._handshake import MAX_HANDSHAKE_NBYTES, _canonical
 from ssm_split.nixl_backend._sidechannel import REQUEST, SideChannelServer, fetch_handshake_bytes
 
-SPEC = Mamba2Spec(num_heads=4, head_dim=2, n_groups=1, state_size=4, ssm_dtype="float32")
+SPEC = Mamba2Spec(num_heads=4, head_dim=2, num_groups=1, state_size=4, ssm_dtype="float32")
 
 
 def make_handshake(**changes) -> Handshake:
@@ -47,9 +48,9 @@ def test_round_trip_keeps_every_field():
 
 def test_fingerprint_changes_with_any_spec_field():
     base = spec_fingerprint(SPEC)
-    assert spec_fingerprint(Mamba2Spec(num_heads=4, head_dim=2, n_groups=1, state_size=4,
+    assert spec_fingerprint(Mamba2Spec(num_heads=4, head_dim=2, num_groups=1, state_size=4,
                                        ssm_dtype="float32")) == base
-    for change in ({"n_groups": 2}, {"ssm_dtype": "bfloat16"}, {"conv_layout": "SD"}, {"spec_tokens": 1}):
+    for change in ({"num_groups": 2}, {"ssm_dtype": "bfloat16"}, {"conv_layout": "SD"}, {"spec_tokens": 1}):
         assert spec_fingerprint(dataclasses.replace(SPEC, **change)) != base
 
 
@@ -83,7 +84,7 @@ def _set(path, value):
 
 
 @pytest.mark.parametrize("edit, match", [
-    (_set(["version"], HANDSHAKE_VERSION + 1), "version 2 is not supported"),
+    (_set(["version"], HANDSHAKE_VERSION + 1), "version 3 is not supported"),
     (_set(["body", "tp"], True), "`tp` must be an int"),
     (_set(["body", "rank"], 2), "rank 2 is not below its tp 2"),
     (_set(["body", "generation"], 0), "`generation` must be an int in \\[1"),
@@ -91,8 +92,8 @@ def _set(path, value):
     (_set(["body", "agent_name"], ""), "agent_name must be a str"),
     (_set(["body", "extra"], 1), "unexpected keys \\['extra'\\]"),
     (_set(["body", "spec", "family"], "rwkv"), "family 'rwkv' is unknown"),
-    (_set(["body", "spec", "fields", "n_groups"], 3), "spec is invalid"),
-    (_set(["body", "spec", "fields", "n_groups"], 2.0), "must be an int or str"),
+    (_set(["body", "spec", "fields", "num_groups"], 3), "spec is invalid"),
+    (_set(["body", "spec", "fields", "num_groups"], 2.0), "must be an int or str"),
     (_set(["body", "fingerprint"], "0" * 64), "fingerprint does not match"),
     (_set(["body", "regions", "layers"], [[0, 640, 320, 5, 0]]), "regions or metadata are invalid"),
     (_set(["body", "regions", "buffers"], [[1, 2]]), "rows of 3 ints"),

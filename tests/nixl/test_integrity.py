@@ -28,10 +28,10 @@ from hypothesis import strategies as st
 
 pytest.importorskip("nixl")
 
-from ssm_split import (Buffer, IntegrityError, LayerRegion, Mamba2Spec, RegionSet,  # noqa: E402
-                       StaleHandshakeError, page_layout, plan_reads)
+from ssm_split import Buffer, LayerRegion, Mamba2Spec, RegionSet, page_layout, plan_reads
+from ssm_split.errors import IntegrityError, StaleHandshakeError
 from ssm_split.nixl_backend import Endpoint, Reader, fetch_handshake_bytes  # noqa: E402
-from ssm_split._integrity import plan_pieces  # noqa: E402
+from ssm_split.integrity._digests import plan_pieces  # noqa: E402
 from ssm_split.nixl_backend._handshake import spec_fingerprint  # noqa: E402
 from ssm_split.nixl_backend._integrity import (INTEGRITY_REQUEST, MAX_REQUEST_NBYTES,  # noqa: E402
                                                answer_integrity)
@@ -43,7 +43,7 @@ pytestmark = pytest.mark.nixl
 
 # 2 -> 3 does not divide; one B/C group replicated on both sides; SD conv layout with a
 # speculative token, so a page has many segments (conv parts per row, temporal)
-CASE = Case(Mamba2Spec(num_heads=6, head_dim=2, n_groups=1, state_size=4, conv_layout="SD",
+CASE = Case(Mamba2Spec(num_heads=6, head_dim=2, num_groups=1, state_size=4, conv_layout="SD",
                        spec_tokens=1, ssm_dtype="float32"), 2, 3)
 DST_RANK = 1
 LAYOUT = page_layout(CASE.spec, CASE.dst_tp, DST_RANK)

@@ -13,8 +13,8 @@ import pytest
 
 pytest.importorskip("nixl")
 
-from ssm_split import (GDNSpec, Mamba2Spec, TransferError, index_batch, plan_reads,  # noqa: E402
-                       prepare_tables)
+from ssm_split import GDNSpec, Mamba2Spec, TransferError, plan_reads
+from ssm_split.expand import index_batch, prepare_tables
 from ssm_split.nixl_backend import Endpoint, Reader  # noqa: E402
 from ssm_split.nixl_backend._lists import PeerLists  # noqa: E402
 
@@ -22,7 +22,7 @@ from ._cluster import Case, first_difference  # noqa: E402
 
 pytestmark = pytest.mark.nixl
 
-MAMBA2 = Mamba2Spec(num_heads=4, head_dim=2, n_groups=2, state_size=4)
+MAMBA2 = Mamba2Spec(num_heads=4, head_dim=2, num_groups=2, state_size=4)
 RUNS = ((3, 5), (4, 6), (5, 7), (0, 1), (8, 2))  # a run of three, then scattered
 CASES = {
     # one whole-page read per page, no padding: each layer's run of three merges
@@ -79,15 +79,15 @@ def test_predicted_descriptor_counts_are_what_nixl_posts(name, monkeypatch):
                 lists.append(PeerLists(dst.agent, tables[-1], src.name, "DRAM", "DRAM", dst.generation))
             indexed = index_batch(tables, case.pairs_array)
             for ranked, prepared in zip(indexed.ranks, lists):
-                assert read_with_telemetry(dst, prepared, ranked) == ranked.n_descriptors
+                assert read_with_telemetry(dst, prepared, ranked) == ranked.num_descriptors
                 prepared.retire()
                 assert prepared.released
             want = case.expected_dst(dst_rank)
             assert np.array_equal(memory, want), first_difference(memory, want)
             if name == "2to2_layer_major":
-                assert indexed.n_descriptors == case.num_layers * 3  # 5 pairs, one run of 3
+                assert indexed.num_descriptors == case.num_layers * 3  # 5 pairs, one run of 3
             elif name != "4to2_gdn_sd":
-                assert indexed.n_descriptors == sum(r.dst_indices.size for r in indexed.ranks)
+                assert indexed.num_descriptors == sum(r.dst_indices.size for r in indexed.ranks)
     finally:
         for endpoint, _ in sources + targets:
             endpoint.close()

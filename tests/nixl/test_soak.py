@@ -44,11 +44,11 @@ TIME_LIMIT_S = 120.0
 TCP = {"engine_config": "TLS=tcp"}
 
 PAIRS = [  # (case, src UCX parameters, integrity mode)
-    (Case(Mamba2Spec(num_heads=8, head_dim=4, n_groups=1, state_size=8), 1, 2, num_layers=LAYERS,
+    (Case(Mamba2Spec(num_heads=8, head_dim=4, num_groups=1, state_size=8), 1, 2, num_layers=LAYERS,
           num_blocks=POOL, pairs=tuple((b, b) for b in range(POOL)), seed=101), None, False),
     (Case(GDNSpec(num_k_heads=2, num_v_heads=8, head_k_dim=4, head_v_dim=4), 4, 2, num_layers=LAYERS,
           num_blocks=POOL, pairs=tuple((b, b) for b in range(POOL)), seed=202), None, False),
-    (Case(Mamba2Spec(num_heads=24, head_dim=32, n_groups=1, state_size=64, conv_layout="SD",
+    (Case(Mamba2Spec(num_heads=24, head_dim=32, num_groups=1, state_size=64, conv_layout="SD",
                      spec_tokens=1, ssm_dtype="float32"), 2, 3, num_layers=LAYERS, num_blocks=POOL,
           pairs=tuple((b, b) for b in range(POOL)), seed=303), TCP, True),
 ]

@@ -22,7 +22,7 @@ from ._cluster import Case, first_difference  # noqa: E402
 
 pytestmark = pytest.mark.nixl
 
-MAMBA2_ONE_GROUP = Mamba2Spec(num_heads=4, head_dim=4, n_groups=1, state_size=4, ssm_dtype="float32")
+MAMBA2_ONE_GROUP = Mamba2Spec(num_heads=4, head_dim=4, num_groups=1, state_size=4, ssm_dtype="float32")
 
 CASES = {
     # dst TP > src TP, B/C replicated on the dst side
@@ -31,9 +31,9 @@ CASES = {
     "4to2_gdn": Case(GDNSpec(num_k_heads=2, num_v_heads=4, head_k_dim=4, head_v_dim=2), 4, 2,
                      dst_order="block"),
     # 2 -> 3 does not divide; the one group is replicated on both sides
-    "2to3_non_divisible": Case(Mamba2Spec(num_heads=6, head_dim=2, n_groups=1, state_size=4), 2, 3),
+    "2to3_non_divisible": Case(Mamba2Spec(num_heads=6, head_dim=2, num_groups=1, state_size=4), 2, 3),
     # SD conv layout, 2 groups on 4 dst ranks (replicated), layer-major src, block-major dst
-    "2to4_sd": Case(Mamba2Spec(num_heads=4, head_dim=2, n_groups=2, state_size=4, conv_layout="SD",
+    "2to4_sd": Case(Mamba2Spec(num_heads=4, head_dim=2, num_groups=2, state_size=4, conv_layout="SD",
                                spec_tokens=1), 2, 4, dst_order="block", src_pad=0),
     # Mamba1, src TP > dst TP
     "2to1_mamba1": Case(Mamba1Spec(intermediate_size=8, state_size=4), 2, 1),
@@ -84,7 +84,7 @@ def test_batch_lands_byte_for_byte_and_src_ranks_are_notified(name, prepare):
             pending.append(reader.start_read(case.pairs_array, case.request_ids))  # all in flight
         for rank, (reader, read) in enumerate(zip(readers, pending)):
             stats = read.wait()
-            assert stats.n_transfers == len(plans[rank].src_ranks)
+            assert stats.num_transfers == len(plans[rank].src_ranks)
             assert stats.nbytes == case.num_layers * len(case.pairs) * plans[rank].dst_content_nbytes
             assert stats.request_ids == tuple(case.request_ids)
             want = case.expected_dst(rank)
@@ -101,21 +101,21 @@ def test_equal_tp_block_major_batch_is_one_descriptor_per_rank_and_moves_right()
     # no padding, block-major on both sides, consecutive blocks on both sides: all
     # layers of the three requests form one range; only per-batch lists merge across
     # layers, so prepared-once lists keep one descriptor per (layer, request)
-    case = Case(Mamba2Spec(num_heads=4, head_dim=2, n_groups=2, state_size=4), 2, 2,
+    case = Case(Mamba2Spec(num_heads=4, head_dim=2, num_groups=2, state_size=4), 2, 2,
                 pairs=((3, 5), (4, 6), (5, 7)), src_order="block", dst_order="block",
                 src_pad=0, dst_pad=0)
     for prepare, descriptors in (("per-batch", 1), ("once", case.num_layers * 3)):
         with cluster(case, prepare) as (_, readers, dst_memory):
             for rank, reader in enumerate(readers):
                 stats = reader.read(case.pairs_array, "batch-0")
-                assert (stats.n_reads, stats.n_descriptors) == (case.num_layers * 3, descriptors)
+                assert (stats.num_reads, stats.num_descriptors) == (case.num_layers * 3, descriptors)
                 assert np.array_equal(dst_memory[rank], case.expected_dst(rank))
 
 
 def test_auto_prepares_per_batch_only_where_layers_of_a_block_are_adjacent():
     # block-major dst pages merge across layers only with per-batch lists; the default
     # picks them there, and prepared-once lists for vLLM-style layer-major memory
-    spec = Mamba2Spec(num_heads=4, head_dim=2, n_groups=2, state_size=4)
+    spec = Mamba2Spec(num_heads=4, head_dim=2, num_groups=2, state_size=4)
     for order, expected in (("block", "per-batch"), ("layer", "once")):
         case = Case(spec, 2, 2, pairs=((3, 5), (4, 6), (5, 7)), src_order=order,
                     dst_order=order, src_pad=0, dst_pad=0)
@@ -124,19 +124,19 @@ def test_auto_prepares_per_batch_only_where_layers_of_a_block_are_adjacent():
                 assert reader.prepare == expected
                 stats = reader.read(case.pairs_array, "batch-0")
                 if order == "block":
-                    assert stats.n_descriptors == 1
+                    assert stats.num_descriptors == 1
                 assert np.array_equal(dst_memory[rank], case.expected_dst(rank))
 
 
 def test_equal_tp_layer_major_consecutive_blocks_merge_per_layer_when_prepared_once():
     # whole-page reads of blocks consecutive on both sides, pages without padding: NIXL
     # merges each layer's run of dense consecutive indices
-    case = Case(Mamba2Spec(num_heads=4, head_dim=2, n_groups=2, state_size=4), 2, 2,
+    case = Case(Mamba2Spec(num_heads=4, head_dim=2, num_groups=2, state_size=4), 2, 2,
                 pairs=((3, 5), (4, 6), (5, 7), (0, 1)), src_pad=0, dst_pad=0)
     with cluster(case, "once") as (_, readers, dst_memory):
         for rank, reader in enumerate(readers):
             stats = reader.read(case.pairs_array, "batch-0")
-            assert (stats.n_reads, stats.n_descriptors) == (case.num_layers * 4, case.num_layers * 2)
+            assert (stats.num_reads, stats.num_descriptors) == (case.num_layers * 4, case.num_layers * 2)
             assert np.array_equal(dst_memory[rank], case.expected_dst(rank))
 
 
@@ -154,7 +154,7 @@ def test_batches_by_layer_and_repeated_reads(prepare):
         sources[0].wait_for_reads("req-0-l1", 2, timeout_s=10)
         # reading the same batch again is harmless
         stats = readers[0].read(case.pairs_array, case.request_ids)
-        assert stats.n_descriptors > 0
+        assert stats.num_descriptors > 0
         assert np.array_equal(dst_memory[0], case.expected_dst(0))
 
 
@@ -163,7 +163,7 @@ def test_empty_batch_moves_nothing(prepare):
     case = CASES["1to2_replicated"]
     with cluster(case, prepare) as (_, readers, dst_memory):
         stats = readers[0].read(np.zeros((0, 2), np.int64), "nothing")
-        assert (stats.n_descriptors, stats.nbytes, stats.n_transfers) == (0, 0, 0)
+        assert (stats.num_descriptors, stats.nbytes, stats.num_transfers) == (0, 0, 0)
         assert np.array_equal(dst_memory[0], case.dst_memory())
 
 

@@ -10,7 +10,8 @@ import pytest
 
 pytest.importorskip("nixl")
 
-from ssm_split import GDNSpec, HandshakeError, Mamba2Spec, TransferError, plan_all  # noqa: E402
+from ssm_split import GDNSpec, Mamba2Spec, TransferError, plan_all
+from ssm_split.errors import HandshakeError
 from ssm_split.nixl_backend import Endpoint, Reader  # noqa: E402
 
 from ._cluster import Case, first_difference  # noqa: E402
@@ -53,7 +54,7 @@ def test_read_from_another_process(src_engine, dst_tp, prepare):
         pending = [reader.start_read(case.pairs_array, request_ids) for _, reader, _ in sides]
         for rank, ((_, _, memory), read) in enumerate(zip(sides, pending)):
             stats = read.wait()
-            assert stats.n_transfers == len(plans[rank].src_ranks)
+            assert stats.num_transfers == len(plans[rank].src_ranks)
             want = case.expected_dst(rank)
             assert np.array_equal(memory, want), first_difference(memory, want)
         counts = [sum(r in plan.src_ranks for plan in plans) for r in range(case.src_tp)]
@@ -107,7 +108,7 @@ def test_a_src_that_never_answers_misses_the_deadline_and_the_reader_recovers():
     # over UCX's tcp transport a READ needs the src process to answer; a stopped process
     # never does (the default cma transport would read its memory without it)
     tcp = {"engine_config": "TLS=tcp"}
-    case = Case(Mamba2Spec(num_heads=16, head_dim=16, n_groups=1, state_size=16,
+    case = Case(Mamba2Spec(num_heads=16, head_dim=16, num_groups=1, state_size=16,
                            ssm_dtype="float32"), 1, 1)
     with SrcEngine(case, ucx_params=tcp) as engine:
         endpoint, reader, memory = dst_side(case, 0, ucx_params=tcp)

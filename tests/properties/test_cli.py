@@ -11,8 +11,9 @@ from importlib import resources
 
 import pytest
 
-from ssm_split import model, models, page_layout, preset_info
-from ssm_split._cli import main
+from ssm_split import model, models, page_layout
+from ssm_split.specs import preset_info
+from ssm_split.cli._main import main
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -43,7 +44,7 @@ def test_models_lists_every_preset_with_its_sizes(capsys):
         info = preset_info(name)
         layout = page_layout(info.spec, 1, 0)
         assert row[1] == info.family and row[2] == info.hf_id
-        assert [int(v) for v in row[3:7]] == [info.n_state_layers, layout.conv_nbytes,
+        assert [int(v) for v in row[3:7]] == [info.num_state_layers, layout.conv_nbytes,
                                               layout.temporal_nbytes, layout.content_nbytes]
     # vLLM's published Nemotron-Nano-30B page at TP1: (36864, 2097152)
     assert rows["nemotron-3-nano-30b-a3b"][4:6] == ["36864", "2097152"]
@@ -101,7 +102,7 @@ def test_plan_falcon_h1_7b_4_to_6(capsys):
     summary = table_rows(out, "dst rank")
     assert [int(r[0]) for r in summary] == list(range(6))
     for row in summary:
-        dst_rank, n_reads, nbytes, content = (int(v) for v in row[:4])
+        dst_rank, num_reads, nbytes, content = (int(v) for v in row[:4])
         assert nbytes == content == page_layout(spec, 6, dst_rank).content_nbytes
         # 4 of the 24 heads per dst rank, 6 per src rank; B/C (1 group) come along
         heads = range(4 * dst_rank, 4 * dst_rank + 4)
@@ -110,9 +111,9 @@ def test_plan_falcon_h1_7b_4_to_6(capsys):
     tables = re.findall(r"dst rank (\d) of tp=6 <- src tp=4\n(.*?)\n(\d+) reads, (\d+) B",
                         out, re.S)
     assert len(tables) == 6
-    for rank, body, n_reads, nbytes in tables:
+    for rank, body, num_reads, nbytes in tables:
         sizes = [int(line.split()[5]) for line in body.splitlines()[2:]]  # nbytes column
-        assert len(sizes) == int(n_reads) == int(summary[int(rank)][1])
+        assert len(sizes) == int(num_reads) == int(summary[int(rank)][1])
         assert sum(sizes) == int(nbytes) == page_layout(spec, 6, int(rank)).content_nbytes
 
 
@@ -152,7 +153,7 @@ def test_errors_exit_2_with_a_message(capsys, argv, message):
 
 
 def test_model_from_a_config_file_or_directory(capsys, tmp_path):
-    text = resources.files("ssm_split").joinpath("data", "nemotron-h-8b.json").read_text("utf-8")
+    text = resources.files("ssm_split.specs").joinpath("data", "nemotron-h-8b.json").read_text("utf-8")
     config = {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
     (tmp_path / "config.json").write_text(json.dumps(config))
     _, preset_out, _ = run(capsys, "layout", "nemotron-h-8b", "--tp", "2")

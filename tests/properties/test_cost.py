@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 import ssm_split
 from ssm_split import reference
-from ssm_split._cost import CostModel, baseline_plan, baseline_reads, fit_cost_model
-from ssm_split._errors import PlanError
+from ssm_split.strategies._cost import CostModel, fit_cost_model
+from ssm_split.strategies._baseline import baseline_plan, baseline_reads
+from ssm_split.errors import PlanError
 from tests.strategies import seeds, specs
 
 
@@ -22,7 +23,7 @@ def _vllm_cases(draw):
     tp = max(src_tp, dst_tp)
     spec = draw(specs(tps=(tp,), layouts=("DS",)))
     for part in spec.parts:
-        if part.n_units % tp:
+        if part.num_units % tp:
             spec = None
             break
     if spec is None:  # replicated somewhere: rebuild with enough units
@@ -45,10 +46,10 @@ def test_baseline_descriptor_count(case):
     """One read per conv sub-projection plus one temporal, per src rank read from."""
     spec, src_tp, dst_tp, dst_rank = case
     per_rank = len(spec.conv_parts) + (spec.temporal_part is not None)
-    n_src = max(src_tp // dst_tp, 1)
+    num_src = max(src_tp // dst_tp, 1)
     reads = baseline_reads(spec, src_tp, dst_tp, dst_rank)
-    assert len(reads) == per_rank * n_src
-    assert len({r.src_rank for r in reads}) == n_src
+    assert len(reads) == per_rank * num_src
+    assert len({r.src_rank for r in reads}) == num_src
 
 
 def test_baseline_is_wrong_for_replicated_groups():

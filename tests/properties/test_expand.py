@@ -13,8 +13,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ssm_split import (BlockRangeError, Buffer, LayerRegion, Mamba2Spec, PlanError, RegionSet,
-                       expand_plan, page_layout, plan_reads)
+from ssm_split.errors import BlockRangeError
+from ssm_split import (
+    Buffer,
+    LayerRegion,
+    Mamba2Spec,
+    PlanError,
+    RegionSet,
+    expand_plan,
+    page_layout,
+    plan_reads,
+)
 from ssm_split.reference import random_state, shard
 from tests.strategies import paddings, seeds, transfer_cases
 
@@ -95,21 +104,21 @@ def expansion_cases(draw):
 
 @given(expansion_cases())
 def test_expanded_descriptors_rebuild_the_reference_dst_pages(case):
-    spec, src_tp, dst_tp, n_layers = case["spec"], case["src_tp"], case["dst_tp"], case["num_layers"]
+    spec, src_tp, dst_tp, num_layers = case["spec"], case["src_tp"], case["dst_tp"], case["num_layers"]
     pairs = case["pairs"]
     rng = np.random.default_rng(case["seed"])
     states = {(layer, i): random_state(spec, case["seed"] + 7919 * layer + i)
-              for layer in range(n_layers) for i in range(len(pairs))}
+              for layer in range(num_layers) for i in range(len(pairs))}
     src_page = page_layout(spec, src_tp, 0).content_nbytes + case["src_pad"]
     dst_page = page_layout(spec, dst_tp, 0).content_nbytes + case["dst_pad"]
-    common = {"num_layers": n_layers, "num_blocks": case["num_blocks"], "gap_nbytes": case["gap"]}
+    common = {"num_layers": num_layers, "num_blocks": case["num_blocks"], "gap_nbytes": case["gap"]}
     src_regions = [make_regions(case["src_order"], (rank + 1) << 32, page_nbytes=src_page,
                                 device_id=rank, **common) for rank in range(src_tp)]
     src_mem = [Memory(r, rng) for r in src_regions]
     for (layer, i), state in states.items():
         for rank, page in enumerate(shard(spec, state, src_tp, page_nbytes=src_page)):
             src_mem[rank].data[src_mem[rank].page(layer, int(pairs[i, 0]))] = page
-    moved = range(n_layers) if case["layers"] is None else case["layers"]
+    moved = range(num_layers) if case["layers"] is None else case["layers"]
 
     for dst_rank in range(dst_tp):
         plan = plan_reads(spec, src_tp, dst_tp, dst_rank)
@@ -145,12 +154,12 @@ def test_expanded_descriptors_rebuild_the_reference_dst_pages(case):
                             != buffer_of(src_regions[ranked.src_rank], s1, 1))
         np.testing.assert_array_equal(dst_mem.data, expected)
         assert expansion.nbytes == len(moved) * len(pairs) * plan.dst_content_nbytes
-        assert expansion.n_descriptors <= expansion.n_reads
+        assert expansion.num_descriptors <= expansion.num_reads
 
 
 # --- merging where the geometry allows it ---------------------------------------------
 
-SPEC = Mamba2Spec(num_heads=4, head_dim=2, n_groups=2, state_size=2, conv_kernel=3)
+SPEC = Mamba2Spec(num_heads=4, head_dim=2, num_groups=2, state_size=2, conv_kernel=3)
 
 
 def _content(tp: int) -> int:
@@ -167,7 +176,7 @@ def test_equal_tp_block_major_batch_of_consecutive_blocks_is_one_descriptor(tp):
     pairs = np.array([[3 + i, 10 + i] for i in range(4)])
     expansion = expand_plan(plan_reads(SPEC, tp, tp, 0), src, dst, pairs)
     (ranked,) = expansion.ranks
-    assert ranked.n_descriptors == 1 and ranked.n_reads == 5 * 4
+    assert ranked.num_descriptors == 1 and ranked.num_reads == 5 * 4
     assert ranked.dst_descs.tolist() == [[dst.page_addr(0, 10), 5 * 4 * _content(tp), 0]]
     assert ranked.src_descs.tolist() == [[src[0].page_addr(0, 3), 5 * 4 * _content(tp), 0]]
 
@@ -190,14 +199,14 @@ def test_padding_prevents_merging_consecutive_blocks():
     src = RegionSet.packed(1 << 32, num_layers=1, num_blocks=8, page_nbytes=_content(1))
     dst = RegionSet.packed(1 << 40, num_layers=1, num_blocks=8, page_nbytes=_content(1) + 1)
     expansion = expand_plan(plan_reads(SPEC, 1, 1, 0), [src], dst, np.array([[0, 0], [1, 1]]))
-    assert expansion.n_descriptors == 2
+    assert expansion.num_descriptors == 2
 
 
 def test_empty_batch_gives_empty_arrays():
     src = RegionSet.packed(1 << 32, num_layers=2, num_blocks=4, page_nbytes=_content(1))
     dst = RegionSet.packed(1 << 40, num_layers=2, num_blocks=4, page_nbytes=_content(2))
     expansion = expand_plan(plan_reads(SPEC, 1, 2, 0), [src], dst, np.zeros((0, 2), np.int64))
-    assert expansion.n_descriptors == 0 and expansion.ranks[0].dst_descs.shape == (0, 3)
+    assert expansion.num_descriptors == 0 and expansion.ranks[0].dst_descs.shape == (0, 3)
 
 
 # --- errors -------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from ssm_split import Buffer, HandshakeError, Mamba2Spec, RegionSet
+from ssm_split import Buffer, Mamba2Spec, RegionSet
+from ssm_split.errors import HandshakeError
 from ssm_split.nixl_backend import HANDSHAKE_VERSION, Handshake, decode_handshake
 from ssm_split.nixl_backend._handshake import MAX_HANDSHAKE_NBYTES, _canonical
 from tests.strategies import specs
@@ -48,7 +49,7 @@ def decode(data: bytes) -> Handshake | None:
 
 
 def small_handshake(**changes) -> Handshake:
-    fields = dict(spec=Mamba2Spec(num_heads=2, head_dim=2, n_groups=1, state_size=2), tp=1, rank=0,
+    fields = dict(spec=Mamba2Spec(num_heads=2, head_dim=2, num_groups=1, state_size=2), tp=1, rank=0,
                   agent_name="a", mem_type="DRAM", generation=1, agent_metadata=b"m",
                   regions=RegionSet.packed(4096, num_layers=1, num_blocks=1, page_nbytes=4096),
                   scratch=Buffer(0, 64))
@@ -87,7 +88,7 @@ json_values = st.recursive(
 @example(b"")
 @example(b"{}")
 @example(b"null")
-@example(b'{"format":"ssm-split/handshake","version":1}')
+@example(b'{"format":"ssm-split/handshake","version":2}')
 def test_arbitrary_bytes_are_rejected_with_a_handshake_error(data):
     assert decode(data) is None
 
@@ -159,8 +160,9 @@ def test_consistently_signed_lies_fail_validation_or_round_trip(hs, data):
 
 @given(handshakes(), st.one_of(json_values, st.integers()).filter(
     lambda v: type(v) is not int or v != HANDSHAKE_VERSION))
-@example(small_handshake(), True)  # True == 1 and 1.0 == 1 in Python; neither is version 1
-@example(small_handshake(), 1.0)
+@example(small_handshake(), True)  # True == 1 in Python: never a version
+@example(small_handshake(), 2.0)  # 2.0 == 2 in Python: only the int counts
+@example(small_handshake(), 1)  # version 1 spoke the old spec field names
 def test_any_other_version_is_refused(hs, version):
     envelope = json.loads(hs.encode())
     with pytest.raises(HandshakeError, match="version .* is not supported"):
@@ -179,7 +181,7 @@ def test_other_envelope_fields_are_checked(hs, key, value):
 
 @pytest.mark.parametrize("text, match", [
     (lambda d: d.replace(b'"tp":', b'"tp":0,"tp":', 1), "repeats the keys \\['tp'\\]"),
-    (lambda d: d.replace(b'"version":1', b'"version":1,"version":1'), "repeats the keys"),
+    (lambda d: d.replace(b'"version":2', b'"version":2,"version":2'), "repeats the keys"),
     (lambda d: b"[" * 100_000 + b"]" * 100_000, "not UTF-8 JSON"),
     (lambda d: d.replace(b'"tp":', b'"tp":' + b"9" * 5000 + b',"x":', 1), "not UTF-8 JSON"),
     (lambda d: b" " * (MAX_HANDSHAKE_NBYTES + 1), "exceeds the limit"),

@@ -17,10 +17,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ssm_split import BlockRangeError, Mamba2Spec, PlanError, RegionSet, page_layout, plan_reads
-from ssm_split._integrity import (Corruption, PageMemory, digest_pages, dst_digests, locate,
-                                  merge_src_digests, mismatches, pieces_from, plan_pieces,
-                                  src_digests)
+from ssm_split.errors import BlockRangeError
+from ssm_split import Mamba2Spec, PlanError, RegionSet, page_layout, plan_reads
+from ssm_split.integrity._digests import (
+    Corruption,
+    PageMemory,
+    digest_pages,
+    dst_digests,
+    locate,
+    merge_src_digests,
+    mismatches,
+    pieces_from,
+    plan_pieces,
+    src_digests,
+)
 from ssm_split.reference import random_state, shard
 from tests.strategies import paddings, rank_cases, seeds, transfer_cases
 
@@ -198,7 +208,7 @@ def test_large_batches_digest_the_same_on_several_threads():
 
 
 def test_a_piece_whose_src_bytes_are_unknown_is_reported_whole():
-    spec = Mamba2Spec(num_heads=4, head_dim=2, n_groups=1, state_size=4)
+    spec = Mamba2Spec(num_heads=4, head_dim=2, num_groups=1, state_size=4)
     plan = plan_reads(spec, 1, 2, 1)
     piece = plan_pieces(plan)[2]
     (c,) = locate(plan, 2, request="r", layer=3, src_block=1, dst_block=2, expected=None,
@@ -212,7 +222,7 @@ def test_a_piece_whose_src_bytes_are_unknown_is_reported_whole():
 
 
 def test_bad_arguments_are_typed_errors():
-    spec = Mamba2Spec(num_heads=4, head_dim=2, n_groups=1, state_size=4)
+    spec = Mamba2Spec(num_heads=4, head_dim=2, num_groups=1, state_size=4)
     plan = plan_reads(spec, 1, 2, 0)
     mem = memory("layer", num_layers=2, num_blocks=3, page_nbytes=plan.dst_content_nbytes, fill=0)
     with pytest.raises(BlockRangeError, match="Layer 2 is out of range"):

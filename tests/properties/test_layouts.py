@@ -12,14 +12,15 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from ssm_split import (GDNSpec, Mamba1Spec, Mamba2Spec, ShardingError, page_layout, rank_units,
-                       sharded_shapes, sub_projection_widths)
+from ssm_split import GDNSpec, Mamba1Spec, Mamba2Spec, page_layout, rank_units
+from ssm_split.errors import ShardingError
+from ssm_split.layout import sharded_shapes, sub_projection_widths
 from ssm_split.reference import content_nbytes, iota_state, shard, units_held
 from tests.strategies import layout_cases, specs, unshardable_cases
 
-NEMOTRON_H_8B = Mamba2Spec(num_heads=128, head_dim=64, n_groups=8, state_size=128)
-NEMOTRON_NANO_30B = Mamba2Spec(num_heads=64, head_dim=64, n_groups=8, state_size=128, ssm_dtype="float32")
-FALCON_H1_7B = Mamba2Spec(num_heads=24, head_dim=128, n_groups=1, state_size=256, ssm_dtype="float32")
+NEMOTRON_H_8B = Mamba2Spec(num_heads=128, head_dim=64, num_groups=8, state_size=128)
+NEMOTRON_NANO_30B = Mamba2Spec(num_heads=64, head_dim=64, num_groups=8, state_size=128, ssm_dtype="float32")
+FALCON_H1_7B = Mamba2Spec(num_heads=24, head_dim=128, num_groups=1, state_size=256, ssm_dtype="float32")
 QWEN35_08B = GDNSpec(num_k_heads=16, num_v_heads=16, head_k_dim=128, head_v_dim=128)
 QWEN35_4B = GDNSpec(num_k_heads=16, num_v_heads=32, head_k_dim=128, head_v_dim=128)
 QWEN35_27B = GDNSpec(num_k_heads=16, num_v_heads=48, head_k_dim=128, head_v_dim=128)
@@ -30,7 +31,7 @@ JAMBA = Mamba1Spec(intermediate_size=8192, state_size=16)
 
 
 @given(case=layout_cases())
-@example(case=(Mamba2Spec(num_heads=4, head_dim=1, n_groups=1, state_size=2, conv_layout="SD"), 4))
+@example(case=(Mamba2Spec(num_heads=4, head_dim=1, num_groups=1, state_size=2, conv_layout="SD"), 4))
 def test_segments_tile_the_content_region(case):
     spec, tp = case
     for rank in range(tp):
@@ -74,16 +75,16 @@ def test_rank_shards_tile_each_part_or_replicate_whole_units(case):
     for index, part in enumerate(spec.parts):
         ranges = [units[index] for units in held]
         assert all(r.part == part.name for r in ranges)
-        if part.n_units % tp == 0:  # sharded: in rank order, the ranges tile [0, n_units)
+        if part.num_units % tp == 0:  # sharded: in rank order, the ranges tile [0, num_units)
             assert [(r.start, r.stop) for r in ranges] == [
-                (rank * part.n_units // tp, (rank + 1) * part.n_units // tp) for rank in range(tp)]
+                (rank * part.num_units // tp, (rank + 1) * part.num_units // tp) for rank in range(tp)]
             assert not any(r.replicated for r in ranges)
-        else:  # replicated: one whole unit per rank, each unit on tp // n_units neighbours
-            assert part.replicable and tp % part.n_units == 0
-            assert all(r.n_units == 1 and r.replicated for r in ranges)
+        else:  # replicated: one whole unit per rank, each unit on tp // num_units neighbours
+            assert part.replicable and tp % part.num_units == 0
+            assert all(r.num_units == 1 and r.replicated for r in ranges)
             owners = [r.start for r in ranges]
-            assert owners == sorted(owners) and set(owners) == set(range(part.n_units))
-            assert all(owners.count(u) == tp // part.n_units for u in range(part.n_units))
+            assert owners == sorted(owners) and set(owners) == set(range(part.num_units))
+            assert all(owners.count(u) == tp // part.num_units for u in range(part.num_units))
 
 
 @given(case=layout_cases())
@@ -96,7 +97,7 @@ def test_rank_units_match_the_reference(case):
 
 
 @given(case=layout_cases())
-@example(case=(Mamba2Spec(num_heads=2, head_dim=2, n_groups=1, state_size=1, conv_kernel=3,
+@example(case=(Mamba2Spec(num_heads=2, head_dim=2, num_groups=1, state_size=1, conv_kernel=3,
                           conv_layout="SD", ssm_dtype="float32"), 2))
 def test_segments_hold_the_bytes_the_reference_puts_there(case):
     """Each segment, read out of the reference model's page, is exactly the slice of the
@@ -107,7 +108,7 @@ def test_segments_hold_the_bytes_the_reference_puts_there(case):
     for rank in range(tp):
         for seg in page_layout(spec, tp, rank).segments:
             full = state[seg.name]
-            per_unit = full.shape[0] // next(p.n_units for p in spec.parts if p.name == seg.name)
+            per_unit = full.shape[0] // next(p.num_units for p in spec.parts if p.name == seg.name)
             rows = full[seg.unit_start * per_unit: seg.unit_stop * per_unit]
             want = rows[:, seg.row] if seg.row is not None else rows
             assert pages[rank][seg.offset: seg.end].tobytes() == want.tobytes(), seg.label
@@ -179,7 +180,7 @@ def test_vllm_published_page_sizes(spec, tp, conv_nbytes, temporal_nbytes):
 def test_granite_tiny_pages_of_the_worked_example():
     """vllm.md §4.1: x [0, 18432), B [18432, 19200), C [19200, 19968), temporal after, at TP1;
     x 9216, B 768, C 768 bytes at TP2."""
-    spec = Mamba2Spec(num_heads=48, head_dim=64, n_groups=1, state_size=128, ssm_dtype="float32")
+    spec = Mamba2Spec(num_heads=48, head_dim=64, num_groups=1, state_size=128, ssm_dtype="float32")
     tp1 = [(s.name, s.offset, s.end) for s in page_layout(spec, 1, 0).segments]
     assert tp1 == [("conv.x", 0, 18432), ("conv.B", 18432, 19200), ("conv.C", 19200, 19968),
                    ("temporal", 19968, 1592832)]
@@ -198,7 +199,7 @@ def test_24_heads_on_16_ranks_is_rejected_with_the_choices():
     with pytest.raises(ShardingError, match="tp=16"):
         sharded_shapes(FALCON_H1_7B, 16)
     with pytest.raises(ShardingError, match=r"`conv.B`.*tp=3: it has 8 groups.*or a multiple of it"):
-        page_layout(Mamba2Spec(num_heads=24, head_dim=1, n_groups=8, state_size=1), 3, 0)
+        page_layout(Mamba2Spec(num_heads=24, head_dim=1, num_groups=8, state_size=1), 3, 0)
 
 
 @given(case=unshardable_cases())
@@ -234,7 +235,7 @@ def test_bad_tp_or_rank(tp, rank, match):
 
 def test_layouts_are_frozen_values():
     layout = page_layout(NEMOTRON_H_8B, 4, 1)
-    assert layout == page_layout(Mamba2Spec(num_heads=128, head_dim=64, n_groups=8, state_size=128), 4, 1)
+    assert layout == page_layout(Mamba2Spec(num_heads=128, head_dim=64, num_groups=8, state_size=128), 4, 1)
     assert hash(layout) == hash(page_layout(NEMOTRON_H_8B, 4, 1))
     with pytest.raises(AttributeError):
         layout.rank = 2  # type: ignore[misc]

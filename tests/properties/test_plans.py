@@ -12,9 +12,20 @@ import pytest
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 
-from ssm_split import (GDNSpec, LinearAttentionSpec, Mamba1Spec, Mamba2Spec, PlanError, Plan,
-                       Read, ShardingError, ShortConvSpec, SpecError, SpecMismatchError, plan_all,
-                       plan_reads)
+from ssm_split import (
+    GDNSpec,
+    LinearAttentionSpec,
+    Mamba1Spec,
+    Mamba2Spec,
+    PlanError,
+    Plan,
+    Read,
+    ShortConvSpec,
+    SpecError,
+    plan_all,
+    plan_reads,
+)
+from ssm_split.errors import ShardingError, SpecMismatchError
 from ssm_split.reference import apply, content_nbytes, iota_state, random_state, shard, units_held
 from tests.strategies import layout_cases, paddings, seeds, transfer_cases, unshardable_cases
 
@@ -22,20 +33,20 @@ POISON = 0xA5  # every dst byte before the transfer, padding included
 SRC_PAD = 0x5A  # src padding: reading it would show
 
 # Granite-4.0-H-Tiny's Mamba2 layer (vllm.md §4.1): 48 heads of 64, one group of 128.
-GRANITE_TINY = Mamba2Spec(num_heads=48, head_dim=64, n_groups=1, state_size=128,
+GRANITE_TINY = Mamba2Spec(num_heads=48, head_dim=64, num_groups=1, state_size=128,
                           conv_dtype="bfloat16", ssm_dtype="float32")
 # Falcon-H1-7B: 24 heads of 128, one group of 256.
-FALCON_H1_7B = Mamba2Spec(num_heads=24, head_dim=128, n_groups=1, state_size=256,
+FALCON_H1_7B = Mamba2Spec(num_heads=24, head_dim=128, num_groups=1, state_size=256,
                           ssm_dtype="float32")
 
 # Small cases worth running every time: non-divisible TP pairs, replication on either side.
 PINNED = [
-    (Mamba2Spec(num_heads=12, head_dim=1, n_groups=1, state_size=1), 4, 6),
-    (Mamba2Spec(num_heads=24, head_dim=2, n_groups=2, state_size=2, conv_layout="SD"), 6, 4),
-    (Mamba2Spec(num_heads=24, head_dim=1, n_groups=12, state_size=1), 4, 6),
-    (Mamba2Spec(num_heads=4, head_dim=2, n_groups=1, state_size=2), 1, 2),
-    (Mamba2Spec(num_heads=4, head_dim=2, n_groups=1, state_size=2), 2, 1),
-    (Mamba2Spec(num_heads=8, head_dim=1, n_groups=2, state_size=3, conv_layout="SD"), 8, 2),
+    (Mamba2Spec(num_heads=12, head_dim=1, num_groups=1, state_size=1), 4, 6),
+    (Mamba2Spec(num_heads=24, head_dim=2, num_groups=2, state_size=2, conv_layout="SD"), 6, 4),
+    (Mamba2Spec(num_heads=24, head_dim=1, num_groups=12, state_size=1), 4, 6),
+    (Mamba2Spec(num_heads=4, head_dim=2, num_groups=1, state_size=2), 1, 2),
+    (Mamba2Spec(num_heads=4, head_dim=2, num_groups=1, state_size=2), 2, 1),
+    (Mamba2Spec(num_heads=8, head_dim=1, num_groups=2, state_size=3, conv_layout="SD"), 8, 2),
     (GDNSpec(num_k_heads=2, num_v_heads=12, head_k_dim=2, head_v_dim=3), 4, 6),
     (GDNSpec(num_k_heads=1, num_v_heads=4, head_k_dim=1, head_v_dim=2, spec_tokens=2), 4, 2),
     (Mamba1Spec(intermediate_size=12, state_size=2, conv_layout="SD"), 3, 4),
@@ -60,7 +71,7 @@ def _label(spec, src_tp, dst_tp) -> None:
     if src_tp % dst_tp and dst_tp % src_tp:
         event("TP sizes do not divide each other")
     for side, tp in (("src", src_tp), ("dst", dst_tp)):
-        if any(p.n_units % tp for p in spec.parts):
+        if any(p.num_units % tp for p in spec.parts):
             event(f"replicated on {side}")
 
 
@@ -73,7 +84,7 @@ def _pages(spec, state, tp, pad_nbytes, pad_byte):
 
 @given(case=transfer_cases(), src_pad=paddings(), dst_pad=paddings(),
        seed=st.one_of(st.none(), seeds()))
-@example(case=(Mamba2Spec(num_heads=12, head_dim=1, n_groups=1, state_size=1), 4, 6),
+@example(case=(Mamba2Spec(num_heads=12, head_dim=1, num_groups=1, state_size=1), 4, 6),
          src_pad=5, dst_pad=3, seed=None)
 @pinned(src_pad=0, dst_pad=0, seed=None)
 def test_plans_rebuild_every_dst_page(case, src_pad, dst_pad, seed):
@@ -83,7 +94,7 @@ def test_plans_rebuild_every_dst_page(case, src_pad, dst_pad, seed):
 
 
 @given(case=transfer_cases(max_tp=16, max_multiple=1, max_dim=2), src_pad=paddings())
-@example(case=(Mamba2Spec(num_heads=48, head_dim=1, n_groups=1, state_size=1), 12, 16), src_pad=0)
+@example(case=(Mamba2Spec(num_heads=48, head_dim=1, num_groups=1, state_size=1), 12, 16), src_pad=0)
 @example(case=(GDNSpec(num_k_heads=1, num_v_heads=240, head_k_dim=1, head_v_dim=1), 16, 15), src_pad=0)
 def test_plans_rebuild_every_dst_page_up_to_tp_16(case, src_pad):
     spec, src_tp, dst_tp = case
@@ -147,7 +158,7 @@ def test_replicated_units_add_no_src_rank(case):
         for src_rank in range(src_tp):
             src_units = units_held(spec, src_tp, src_rank)
             for part in spec.parts:
-                if part.n_units % src_tp == 0:  # sharded on src
+                if part.num_units % src_tp == 0:  # sharded on src
                     a, b = src_units[part.name], dst_units[part.name]
                     if max(a.start, b.start) < min(a.stop, b.stop):
                         needed.add(src_rank)
@@ -251,7 +262,7 @@ def test_24_heads_on_16_ranks_is_a_sharding_error():
     with pytest.raises(ShardingError, match=r"`conv.x`.*tp=16: it has 24 heads"):
         plan_reads(FALCON_H1_7B, 1, 16, 0)
     with pytest.raises(ShardingError, match=r"`conv.B`.*tp=3: it has 2 groups.*tp % 2 == 0"):
-        plan_reads(Mamba2Spec(num_heads=6, head_dim=1, n_groups=2, state_size=1), 3, 1, 0)
+        plan_reads(Mamba2Spec(num_heads=6, head_dim=1, num_groups=2, state_size=1), 3, 1, 0)
 
 
 @given(case=unshardable_cases(), dst_rank=st.integers(0, 7))
@@ -291,7 +302,7 @@ MISMATCHES = [
     ({"conv_dtype": "float32"}, r"conv_dtype: src='bfloat16', dst='float32'"),
     ({"ssm_dtype": "bfloat16"}, r"ssm_dtype: src='float32', dst='bfloat16'"),
     ({"num_heads": 96}, r"num_heads: src=48, dst=96"),
-    ({"n_groups": 2}, r"n_groups: src=1, dst=2"),
+    ({"num_groups": 2}, r"num_groups: src=1, dst=2"),
     ({"state_size": 64}, r"state_size: src=128, dst=64"),
     ({"head_dim": 32}, r"head_dim: src=64, dst=32"),
     ({"conv_layout": "SD"}, r"conv_layout: src='DS', dst='SD'"),
@@ -326,7 +337,7 @@ def test_any_changed_field_is_a_mismatch(case, field_index):
                  "DS": "SD", "SD": "DS"}[value]
     try:
         dst_spec = dataclasses.replace(spec, **{name: other})
-    except SpecError:  # e.g. num_heads no longer a multiple of n_groups: nothing to plan
+    except SpecError:  # e.g. num_heads no longer a multiple of num_groups: nothing to plan
         return
     with pytest.raises(SpecMismatchError, match=f"{name}: src={value!r}, dst={other!r}"):
         plan_reads(spec, src_tp, dst_tp, 0, dst_spec=dst_spec)

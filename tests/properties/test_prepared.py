@@ -1,4 +1,4 @@
-"""Prepared-once tables and batch indices (`ssm_split._prepared`) against the per-batch
+"""Prepared-once tables and batch indices (`ssm_split.expand`) against the per-batch
 expansion and the reference model.
 
 The same flat numpy "memories" as `test_expand.py`, filled with random bytes:
@@ -14,8 +14,18 @@ import numpy as np
 import pytest
 from hypothesis import given
 
-from ssm_split import (BlockRangeError, Buffer, LayerRegion, Mamba2Spec, PlanError, RegionSet,
-                       expand_plan, index_batch, page_layout, plan_reads, prepare_tables)
+from ssm_split.errors import BlockRangeError
+from ssm_split import (
+    Buffer,
+    LayerRegion,
+    Mamba2Spec,
+    PlanError,
+    RegionSet,
+    expand_plan,
+    page_layout,
+    plan_reads,
+)
+from ssm_split.expand import index_batch, prepare_tables
 from tests.properties.test_expand import Memory, buffer_of, expansion_cases, make_regions
 
 
@@ -66,9 +76,9 @@ def test_indexed_batches_move_the_same_bytes_as_the_expansion(case):
                 by_prepared.data[by_prepared.at(d, n)] = memory.data[memory.at(s, n)]
             for (d, n, _), (s, _, _) in zip(expanded.dst_descs.tolist(), expanded.src_descs.tolist()):
                 by_expansion[by_prepared.at(d, n)] = memory.data[memory.at(s, n)]
-            assert (ranked.n_reads, ranked.nbytes) == (expanded.n_reads, expanded.nbytes)
-            assert ranked.n_descriptors == nixl_merged_count(t, ranked)
-            assert expanded.n_descriptors <= ranked.n_descriptors <= ranked.dst_indices.size
+            assert (ranked.num_reads, ranked.nbytes) == (expanded.num_reads, expanded.nbytes)
+            assert ranked.num_descriptors == nixl_merged_count(t, ranked)
+            assert expanded.num_descriptors <= ranked.num_descriptors <= ranked.dst_indices.size
         np.testing.assert_array_equal(by_prepared.data, by_expansion)
         assert np.array_equal(indexed.block_pairs, expansion.block_pairs)
         assert np.array_equal(indexed.layers, expansion.layers)
@@ -76,7 +86,7 @@ def test_indexed_batches_move_the_same_bytes_as_the_expansion(case):
 
 # --- examples -----------------------------------------------------------------------------
 
-SPEC = Mamba2Spec(num_heads=4, head_dim=2, n_groups=2, state_size=2, conv_kernel=3)
+SPEC = Mamba2Spec(num_heads=4, head_dim=2, num_groups=2, state_size=2, conv_kernel=3)
 
 
 def _content(tp: int) -> int:
@@ -114,8 +124,8 @@ def test_equal_tp_consecutive_blocks_without_padding_merge_per_layer_only():
         assert ranked.dst_indices.tolist() == [layer * 20 + b for layer in range(4) for b in (10, 11, 12)]
         assert ranked.src_indices.tolist() == [layer * 20 + b for layer in range(4) for b in (3, 4, 5)]
         # block-major rows stride over every layer: nothing is back to back
-        assert ranked.n_descriptors == (4 if order == "layer" else 12)
-        assert expand_plan(plan, [src], dst, np.array([[5, 12], [3, 10], [4, 11]])).n_descriptors == (
+        assert ranked.num_descriptors == (4 if order == "layer" else 12)
+        assert expand_plan(plan, [src], dst, np.array([[5, 12], [3, 10], [4, 11]])).num_descriptors == (
             4 if order == "layer" else 1)
 
 
@@ -127,7 +137,7 @@ def test_single_block_layers_and_empty_batches():
     indexed = index_batch([tables], np.array([[0, 0]]), layers=[1])
     assert indexed.ranks[0].dst_indices.tolist() == list(tables.dst_table.row_start[1])
     empty = index_batch([tables], np.zeros((0, 2), np.int64))
-    assert (empty.n_descriptors, empty.nbytes, empty.ranks[0].dst_indices.size) == (0, 0, 0)
+    assert (empty.num_descriptors, empty.nbytes, empty.ranks[0].dst_indices.size) == (0, 0, 0)
 
 
 # --- errors -------------------------------------------------------------------------------

@@ -17,17 +17,16 @@ from ssm_split import (
     LinearAttentionSpec,
     Mamba1Spec,
     Mamba2Spec,
-    ShardingError,
     ShortConvSpec,
     SpecError,
     from_hf_config,
     model,
     models,
     page_layout,
-    preset_info,
-    sharded_shapes,
-    sub_projection_widths,
 )
+from ssm_split.errors import ShardingError
+from ssm_split.specs import preset_info
+from ssm_split.layout import sharded_shapes, sub_projection_widths
 
 # The presets the project promises, with the state family each model is known to have.
 EXPECTED_FAMILY = {
@@ -42,7 +41,7 @@ EXPECTED_FAMILY = {
 
 
 def stored_config(name: str) -> dict:
-    text = resources.files("ssm_split").joinpath("data", f"{name}.json").read_text("utf-8")
+    text = resources.files("ssm_split.specs").joinpath("data", f"{name}.json").read_text("utf-8")
     return json.loads(text)
 
 
@@ -59,7 +58,7 @@ def test_preset_builds_hashable_with_the_right_family(name):
     assert {spec: name}[model(name)] == name
     info = preset_info(name)
     assert info.spec == spec and info.family == spec.family and info.name == name
-    assert 1 <= info.n_state_layers <= info.n_layers
+    assert 1 <= info.num_state_layers <= info.num_layers
     assert info.source, "every preset says where its values come from"
     assert page_layout(spec, 1, 0).content_nbytes > 0
 
@@ -191,21 +190,21 @@ def test_granite_tiny_page_matches_the_worked_example():
 def test_falcon_h1_34b_has_two_groups():
     # vLLM PR #19924: group duplication lets Falcon-H1-34B run at TP4 instead of TP2.
     spec = model("falcon-h1-34b")
-    assert spec.n_groups == 2
+    assert spec.num_groups == 2
     assert sub_projection_widths(spec, 2) == (2048, 256, 256)
     assert sub_projection_widths(spec, 4) == (1024, 256, 256)
 
 
-@pytest.mark.parametrize("name, n_state_layers, n_layers", [
+@pytest.mark.parametrize("name, num_state_layers, num_layers", [
     ("nemotron-h-8b", 24, 52), ("nemotron-h-56b", 54, 118),   # Nemotron-H paper
     ("nemotron-3-nano-30b-a3b", 23, 52), ("jamba-v0.1", 28, 32),
     ("qwen3.5-0.8b", 18, 24), ("qwen3.5-27b", 48, 64), ("qwen3-next-80b-a3b", 36, 48),
     ("kimi-linear-48b-a3b", 20, 27), ("lfm2-1.2b", 10, 16), ("minimax-text-01", 70, 80),
     ("falcon-h1-7b", 44, 44), ("granite-4.0-h-tiny", 36, 40), ("mamba2-2.7b", 64, 64),
 ])
-def test_state_layer_counts(name, n_state_layers, n_layers):
+def test_state_layer_counts(name, num_state_layers, num_layers):
     info = preset_info(name)
-    assert (info.n_state_layers, info.n_layers) == (n_state_layers, n_layers)
+    assert (info.num_state_layers, info.num_layers) == (num_state_layers, num_layers)
 
 
 def test_kda_and_short_conv_specs():
@@ -310,18 +309,18 @@ def test_mamba_ssm_format_uses_its_defaults():
         from_hf_config({"d_model": 768, "n_layer": 24, "ssm_cfg": {"layer": "Mamba3"}})
 
 
-@given(n_k=st.integers(1, 8), ratio=st.integers(1, 4), head_k=st.sampled_from([16, 64, 128]),
-       head_v=st.sampled_from([16, 64, 128]), kernel=st.integers(2, 5), n_blocks=st.integers(1, 8),
+@given(num_k=st.integers(1, 8), ratio=st.integers(1, 4), head_k=st.sampled_from([16, 64, 128]),
+       head_v=st.sampled_from([16, 64, 128]), kernel=st.integers(2, 5), num_blocks=st.integers(1, 8),
        interval=st.integers(2, 4))
-def test_gdn_config_round_trip(n_k, ratio, head_k, head_v, kernel, n_blocks, interval):
-    n_layers = n_blocks * interval
-    config = {"model_type": "qwen3_next", "num_hidden_layers": n_layers,
-              "full_attention_interval": interval, "linear_num_key_heads": n_k,
-              "linear_num_value_heads": n_k * ratio, "linear_key_head_dim": head_k,
+def test_gdn_config_round_trip(num_k, ratio, head_k, head_v, kernel, num_blocks, interval):
+    num_layers = num_blocks * interval
+    config = {"model_type": "qwen3_next", "num_hidden_layers": num_layers,
+              "full_attention_interval": interval, "linear_num_key_heads": num_k,
+              "linear_num_value_heads": num_k * ratio, "linear_key_head_dim": head_k,
               "linear_value_head_dim": head_v, "linear_conv_kernel_dim": kernel}
-    info = ssm_split._presets.model_info_from_hf_config(config)
-    assert info.spec == GDNSpec(n_k, n_k * ratio, head_k, head_v, kernel)
-    assert info.n_state_layers == n_layers - n_blocks
+    info = ssm_split.specs.model_info_from_hf_config(config)
+    assert info.spec == GDNSpec(num_k, num_k * ratio, head_k, head_v, kernel)
+    assert info.num_state_layers == num_layers - num_blocks
     wrapped = {"model_type": "qwen3_5", "text_config": copy.deepcopy(config)}
     wrapped["text_config"]["model_type"] = "qwen3_5_text"
     assert from_hf_config(wrapped) == info.spec
@@ -337,8 +336,8 @@ def test_nemotron_and_falcon_config_round_trip(heads, group_div, head_dim, state
                 "mamba_head_dim": head_dim, "n_groups": groups, "ssm_state_size": state,
                 "conv_kernel": 4}
     if "M" in pattern:
-        info = ssm_split._presets.model_info_from_hf_config(nemotron)
-        assert info.spec == expected and info.n_state_layers == pattern.count("M")
+        info = ssm_split.specs.model_info_from_hf_config(nemotron)
+        assert info.spec == expected and info.num_state_layers == pattern.count("M")
     else:
         with pytest.raises(SpecError, match="nothing to transfer"):
             from_hf_config(nemotron)

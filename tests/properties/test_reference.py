@@ -7,8 +7,16 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from ssm_split import (GDNSpec, LinearAttentionSpec, Mamba1Spec, Mamba2Spec, PlanError,
-                       ShardingError, ShortConvSpec, plan_reads)
+from ssm_split import (
+    GDNSpec,
+    LinearAttentionSpec,
+    Mamba1Spec,
+    Mamba2Spec,
+    PlanError,
+    ShortConvSpec,
+    plan_reads,
+)
+from ssm_split.errors import ShardingError
 from ssm_split.reference import (StateError, apply, content_nbytes, iota_state, random_state,
                                  shard, state_shapes, unshard)
 from tests.strategies import layout_cases, paddings, seeds
@@ -30,7 +38,7 @@ def assert_states_equal(got: dict, want: dict) -> None:
 
 # Mamba2, 2 heads of 1 channel, 1 group of state size 1, kernel 3 (2 rows). Ids:
 #   x = [[1, 2], [3, 4]]  (head 0, head 1)   B = [[5, 6]]   C = [[7, 8]]   temporal = [9, 10]
-TINY_MAMBA2 = Mamba2Spec(num_heads=2, head_dim=1, n_groups=1, state_size=1, conv_kernel=3)
+TINY_MAMBA2 = Mamba2Spec(num_heads=2, head_dim=1, num_groups=1, state_size=1, conv_kernel=3)
 
 
 def test_hand_worked_mamba2_ds_pages():
@@ -41,7 +49,7 @@ def test_hand_worked_mamba2_ds_pages():
 
 
 def test_hand_worked_mamba2_sd_pages():
-    spec = Mamba2Spec(num_heads=2, head_dim=1, n_groups=1, state_size=1, conv_kernel=3,
+    spec = Mamba2Spec(num_heads=2, head_dim=1, num_groups=1, state_size=1, conv_kernel=3,
                       conv_layout="SD")
     pages = shard(spec, iota_state(spec), 1)
     # rows first: row 0 = [x0 x1 B C] (first elements), row 1 = the second elements
@@ -72,7 +80,7 @@ def test_hand_worked_conv_only_and_temporal_only_families():
 
 
 def test_state_shapes_follow_the_design_table():
-    spec = Mamba2Spec(num_heads=4, head_dim=3, n_groups=2, state_size=5, conv_kernel=4,
+    spec = Mamba2Spec(num_heads=4, head_dim=3, num_groups=2, state_size=5, conv_kernel=4,
                       spec_tokens=1, ssm_dtype="float32")
     shapes = {name: shape for name, (shape, _) in state_shapes(spec).items()}
     assert shapes == {"conv.x": (12, 4), "conv.B": (10, 4), "conv.C": (10, 4), "temporal": (4, 3, 5)}
@@ -115,7 +123,7 @@ def test_random_state_is_reproducible(case, seed):
 
 
 def test_random_states_differ_between_seeds():
-    spec = Mamba2Spec(num_heads=4, head_dim=4, n_groups=1, state_size=4)
+    spec = Mamba2Spec(num_heads=4, head_dim=4, num_groups=1, state_size=4)
     a, b = random_state(spec, 1), random_state(spec, 2)
     assert any(not np.array_equal(a[k], b[k]) for k in a)
 

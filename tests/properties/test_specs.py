@@ -11,21 +11,29 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ssm_split import (GDNSpec, LinearAttentionSpec, Mamba1Spec, Mamba2Spec, ShortConvSpec,
-                       SpecError, SpecMismatchError, check_transferable)
+from ssm_split import (
+    GDNSpec,
+    LinearAttentionSpec,
+    Mamba1Spec,
+    Mamba2Spec,
+    ShortConvSpec,
+    SpecError,
+)
+from ssm_split.errors import SpecMismatchError
+from ssm_split.specs import check_transferable
 from ssm_split.reference import state_shapes
 from tests.strategies import layout_cases, specs, transfer_cases
 
 # one valid set of arguments per family
 VALID = {
-    Mamba2Spec: dict(num_heads=8, head_dim=4, n_groups=2, state_size=16),
+    Mamba2Spec: dict(num_heads=8, head_dim=4, num_groups=2, state_size=16),
     GDNSpec: dict(num_k_heads=2, num_v_heads=4, head_k_dim=8, head_v_dim=8),
     Mamba1Spec: dict(intermediate_size=16, state_size=4),
     ShortConvSpec: dict(conv_dim=16),
     LinearAttentionSpec: dict(num_heads=4, head_dim=8),
 }
 SIZE_FIELDS = {
-    Mamba2Spec: ("num_heads", "head_dim", "n_groups", "state_size", "conv_kernel"),
+    Mamba2Spec: ("num_heads", "head_dim", "num_groups", "state_size", "conv_kernel"),
     GDNSpec: ("num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim", "conv_kernel"),
     Mamba1Spec: ("intermediate_size", "state_size", "conv_kernel"),
     ShortConvSpec: ("conv_dim", "conv_kernel"),
@@ -74,7 +82,7 @@ def test_parts_follow_the_family_table(spec):
     shapes = {name: shape for name, (shape, _) in state_shapes(spec).items()}
     assert [p.name for p in spec.parts] == list(shapes)
     for part in spec.conv_parts:
-        assert shapes[part.name] == (part.n_units * part.unit_size, spec.conv_rows)
+        assert shapes[part.name] == (part.num_units * part.unit_size, spec.conv_rows)
     assert spec.full_conv_channels == sum(shapes[p.name][0] for p in spec.conv_parts)
     if spec.temporal_part is None:
         assert "temporal" not in shapes and spec.full_temporal_shape is None
@@ -93,7 +101,7 @@ def test_conv_rows_count_kernel_and_spec_tokens(case):
 
 
 def test_defaults_are_the_issue_contract():
-    spec = Mamba2Spec(num_heads=8, head_dim=4, n_groups=2, state_size=16)
+    spec = Mamba2Spec(num_heads=8, head_dim=4, num_groups=2, state_size=16)
     assert (spec.conv_kernel, spec.conv_dtype, spec.ssm_dtype, spec.conv_layout, spec.spec_tokens) == (
         4, "bfloat16", "bfloat16", "DS", 0)
     assert LinearAttentionSpec(num_heads=4, head_dim=8).ssm_dtype == "bfloat16"
@@ -104,7 +112,7 @@ def test_defaults_are_the_issue_contract():
 def test_a_spec_is_transferable_to_itself_only(case):
     spec, _, _ = case
     check_transferable(spec, dataclasses.replace(spec))
-    other = next(s for s in (Mamba2Spec(num_heads=1, head_dim=1, n_groups=1, state_size=1),
+    other = next(s for s in (Mamba2Spec(num_heads=1, head_dim=1, num_groups=1, state_size=1),
                              ShortConvSpec(conv_dim=1)) if type(s) is not type(spec))
     with pytest.raises(SpecMismatchError, match=f"src is a {type(spec).__name__}"):
         check_transferable(spec, other)
@@ -157,8 +165,8 @@ def test_no_conv_rows_is_rejected(cls):
 
 
 def test_heads_must_split_evenly_among_groups():
-    with pytest.raises(SpecError, match="`num_heads`=6 is not a multiple of `n_groups`=4"):
-        Mamba2Spec(num_heads=6, head_dim=4, n_groups=4, state_size=16)
+    with pytest.raises(SpecError, match="`num_heads`=6 is not a multiple of `num_groups`=4"):
+        Mamba2Spec(num_heads=6, head_dim=4, num_groups=4, state_size=16)
     with pytest.raises(SpecError, match="`num_v_heads`=6 is not a multiple of `num_k_heads`=4"):
         GDNSpec(num_k_heads=4, num_v_heads=6, head_k_dim=8, head_v_dim=8)
 

@@ -15,9 +15,15 @@ from hypothesis import strategies as st
 
 import ssm_split
 from ssm_split import plan_reads, reference
-from ssm_split._errors import PlanError
-from ssm_split._stacked import (layer_view, stack_layers, stack_pages, stacked_layout, stacked_plan,
-                                unstack_page)
+from ssm_split.errors import PlanError
+from ssm_split.strategies._stacked import (
+    layer_view,
+    stack_layers,
+    stack_pages,
+    stacked_layout,
+    stacked_plan,
+    unstack_page,
+)
 from tests.strategies import rank_cases, seeds
 
 
@@ -49,11 +55,11 @@ def _stacked_page(spec, states, tp, rank) -> np.ndarray:
     return np.frombuffer(b"".join(chunks), dtype=np.uint8).copy()
 
 
-@given(case=rank_cases(max_tp=6), n_layers=st.integers(1, 4), seed=seeds())
-def test_stacked_plan_moves_stacked_pages(case, n_layers, seed):
+@given(case=rank_cases(max_tp=6), num_layers=st.integers(1, 4), seed=seeds())
+def test_stacked_plan_moves_stacked_pages(case, num_layers, seed):
     spec, src_tp, dst_tp, dst_rank = case
-    states = [reference.random_state(spec, seed + layer) for layer in range(n_layers)]
-    stacked = stack_layers(spec, n_layers)
+    states = [reference.random_state(spec, seed + layer) for layer in range(num_layers)]
+    stacked = stack_layers(spec, num_layers)
     src = [_stacked_page(spec, states, src_tp, r) for r in range(src_tp)]
     want = _stacked_page(spec, states, dst_tp, dst_rank)
     plan = stacked_plan(stacked, src_tp, dst_tp, dst_rank)
@@ -61,17 +67,17 @@ def test_stacked_plan_moves_stacked_pages(case, n_layers, seed):
     assert np.array_equal(got, want)
     assert plan.dst_content_nbytes == len(want)
     assert plan.src_content_nbytes == len(src[0])
-    # same number of reads as one layer's plan, each n_layers times longer
+    # same number of reads as one layer's plan, each num_layers times longer
     base = plan_reads(spec, src_tp, dst_tp, dst_rank)
     assert len(plan.reads) == len(base.reads)
-    assert plan.nbytes == n_layers * base.nbytes
+    assert plan.nbytes == num_layers * base.nbytes
 
 
-@given(case=rank_cases(max_tp=6), n_layers=st.integers(1, 4), seed=seeds())
-def test_stack_and_unstack_pages(case, n_layers, seed):
+@given(case=rank_cases(max_tp=6), num_layers=st.integers(1, 4), seed=seeds())
+def test_stack_and_unstack_pages(case, num_layers, seed):
     spec, _, tp, rank = case
-    states = [reference.random_state(spec, seed + layer) for layer in range(n_layers)]
-    stacked = stack_layers(spec, n_layers)
+    states = [reference.random_state(spec, seed + layer) for layer in range(num_layers)]
+    stacked = stack_layers(spec, num_layers)
     per_layer = [reference.shard(spec, s, tp)[rank] for s in states]
     page = stack_pages(stacked, per_layer, tp, rank)
     assert np.array_equal(page, _stacked_page(spec, states, tp, rank))
@@ -79,13 +85,13 @@ def test_stack_and_unstack_pages(case, n_layers, seed):
     assert stacked_layout(stacked, tp, rank).content_nbytes == len(page)
 
 
-@given(case=rank_cases(max_tp=6), n_layers=st.integers(1, 4), seed=seeds(), data=st.data())
-def test_layer_view_reads_one_layer(case, n_layers, seed, data):
+@given(case=rank_cases(max_tp=6), num_layers=st.integers(1, 4), seed=seeds(), data=st.data())
+def test_layer_view_reads_one_layer(case, num_layers, seed, data):
     """Viewing layer l through `layer_view` strides gives that layer's per-layer page parts."""
     spec, _, tp, rank = case
-    layer = data.draw(st.integers(0, n_layers - 1))
-    states = [reference.random_state(spec, seed + i) for i in range(n_layers)]
-    stacked = stack_layers(spec, n_layers)
+    layer = data.draw(st.integers(0, num_layers - 1))
+    states = [reference.random_state(spec, seed + i) for i in range(num_layers)]
+    stacked = stack_layers(spec, num_layers)
     page = _stacked_page(spec, states, tp, rank)
     flat = reference.shard(spec, states[layer], tp)[rank]
     layout = ssm_split.page_layout(spec, tp, rank)
@@ -108,7 +114,7 @@ def test_stacked_gdn_counts():
 
 def test_bad_stacked_inputs():
     spec = ssm_split.model("qwen3.5-0.8b")
-    with pytest.raises(PlanError, match="n_layers"):
+    with pytest.raises(PlanError, match="num_layers"):
         stack_layers(spec, 0)
     with pytest.raises(PlanError, match="StackedSpec"):
         stacked_plan(spec, 1, 2, 0)

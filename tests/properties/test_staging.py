@@ -1,4 +1,4 @@
-"""Staged plans (`ssm_split._staging`) against the reference model.
+"""Staged plans (`ssm_split.strategies`) against the reference model.
 
 Whatever grouping is chosen (by the cost model, all reads staged, or random runs), the
 staged execution must rebuild exactly the dst page that `reference.shard` gives, touch no
@@ -13,10 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ssm_split import plan_reads, reference
-from ssm_split._cost import DEFAULT_COST_MODEL, CostModel, choose_groups
-from ssm_split._errors import PlanError
-from ssm_split._expand import RegionSet, expand_plan
-from ssm_split._staging import SLOT_ALIGN_NBYTES, apply_staged, stage_plan
+from ssm_split.strategies._cost import DEFAULT_COST_MODEL, CostModel, choose_groups
+from ssm_split.errors import PlanError
+from ssm_split.layout._regions import RegionSet
+from ssm_split.expand._expand import expand_plan
+from ssm_split.strategies._staging import SLOT_ALIGN_NBYTES, apply_staged, stage_plan
 from tests.strategies import paddings, rank_cases, seeds
 
 # a model where descriptors are so expensive that staging always wins, and one where
@@ -135,34 +136,34 @@ def test_bad_groupings_are_rejected():
         stage_plan(two, groups=[two.reads])
 
 
-@given(case=rank_cases(max_tp=4), seed=seeds(), n_blocks=st.integers(1, 4), n_layers=st.integers(1, 3),
+@given(case=rank_cases(max_tp=4), seed=seeds(), num_blocks=st.integers(1, 4), num_layers=st.integers(1, 3),
        data=st.data())
-def test_staged_batch_through_expand_plan(case, seed, n_blocks, n_layers, data):
+def test_staged_batch_through_expand_plan(case, seed, num_blocks, num_layers, data):
     """Spans and moves expanded with `expand_plan` over flat memory give the reference pages."""
     spec, src_tp, dst_tp, dst_rank = case
     plan = plan_reads(spec, src_tp, dst_tp, dst_rank)
     staged = stage_plan(plan, model=ALWAYS_STAGE)
-    src_blocks = data.draw(st.permutations(range(n_blocks)))
-    dst_blocks = data.draw(st.permutations(range(n_blocks)))
+    src_blocks = data.draw(st.permutations(range(num_blocks)))
+    dst_blocks = data.draw(st.permutations(range(num_blocks)))
     pairs = np.array(list(zip(src_blocks, dst_blocks)), dtype=np.int64)
     sp = plan.src_content_nbytes
     dp = plan.dst_content_nbytes
     slot = max(staged.slot_nbytes, 1)
-    # memory: one flat array per side; per-layer regions of n_blocks pages each
-    src_mem = [np.zeros(n_layers * n_blocks * sp, np.uint8) for _ in range(src_tp)]
-    for layer in range(n_layers):
-        for b in range(n_blocks):
+    # memory: one flat array per side; per-layer regions of num_blocks pages each
+    src_mem = [np.zeros(num_layers * num_blocks * sp, np.uint8) for _ in range(src_tp)]
+    for layer in range(num_layers):
+        for b in range(num_blocks):
             for r in range(src_tp):
                 # page of block b holds layer state of request b (rotated per block)
                 page = reference.shard(spec, reference.random_state(spec, seed + 7 * layer + 1000 * b), src_tp)[r]
-                src_mem[r][(layer * n_blocks + b) * sp:(layer * n_blocks + b + 1) * sp] = page
-    dst_mem = np.full(n_layers * n_blocks * dp, 0x5A, np.uint8)
-    stage_mem = np.zeros(n_layers * n_blocks * slot, np.uint8)
+                src_mem[r][(layer * num_blocks + b) * sp:(layer * num_blocks + b + 1) * sp] = page
+    dst_mem = np.full(num_layers * num_blocks * dp, 0x5A, np.uint8)
+    stage_mem = np.zeros(num_layers * num_blocks * slot, np.uint8)
     bases = {"dst": 1 << 36, "stage": 1 << 32}
-    src_regions = [RegionSet.packed(1 << 40, num_layers=n_layers, num_blocks=n_blocks, page_nbytes=sp,
+    src_regions = [RegionSet.packed(1 << 40, num_layers=num_layers, num_blocks=num_blocks, page_nbytes=sp,
                                     device_id=r) for r in range(src_tp)]
-    dst_regions = RegionSet.packed(bases["dst"], num_layers=n_layers, num_blocks=n_blocks, page_nbytes=dp)
-    stage_regions = RegionSet.packed(bases["stage"], num_layers=n_layers, num_blocks=n_blocks, page_nbytes=slot)
+    dst_regions = RegionSet.packed(bases["dst"], num_layers=num_layers, num_blocks=num_blocks, page_nbytes=dp)
+    stage_regions = RegionSet.packed(bases["stage"], num_layers=num_layers, num_blocks=num_blocks, page_nbytes=slot)
 
     def run(expansion, src_of, dst_arr, dst_base):
         for rank in expansion.ranks:
@@ -172,7 +173,7 @@ def test_staged_batch_through_expand_plan(case, seed, n_blocks, n_layers, data):
                 d0 = int(d_addr) - dst_base
                 dst_arr[d0:d0 + int(n)] = mem[s0:s0 + int(n)]
 
-    slot_pairs = np.stack([pairs[:, 0], np.arange(n_blocks)], axis=1)
+    slot_pairs = np.stack([pairs[:, 0], np.arange(num_blocks)], axis=1)
     if staged.spans:
         run(expand_plan(staged.spans_plan(), src_regions, stage_regions, slot_pairs),
             lambda r: src_mem[r], stage_mem, bases["stage"])
@@ -180,20 +181,20 @@ def test_staged_batch_through_expand_plan(case, seed, n_blocks, n_layers, data):
         run(expand_plan(staged.direct_plan(), src_regions, dst_regions, pairs),
             lambda r: src_mem[r], dst_mem, bases["dst"])
     if staged.moves:
-        move_pairs = np.stack([np.arange(n_blocks), pairs[:, 1]], axis=1)
+        move_pairs = np.stack([np.arange(num_blocks), pairs[:, 1]], axis=1)
         run(expand_plan(staged.moves_plan(), [stage_regions], dst_regions, move_pairs),
             lambda r: stage_mem, dst_mem, bases["dst"])
-    for layer in range(n_layers):
+    for layer in range(num_layers):
         for src_b, dst_b in pairs:
             state = reference.random_state(spec, seed + 7 * layer + 1000 * int(src_b))
             want = reference.shard(spec, state, dst_tp)[dst_rank]
-            at = (layer * n_blocks + int(dst_b)) * dp
+            at = (layer * num_blocks + int(dst_b)) * dp
             assert np.array_equal(dst_mem[at:at + dp], want)
 
 
 @given(case=rank_cases(max_tp=6), seed=seeds(), pad=paddings())
 def test_packed_execution_rebuilds_the_dst_page(case, seed, pad):
-    from ssm_split._staging import apply_packed, pack_plan
+    from ssm_split.strategies._staging import apply_packed, pack_plan
 
     spec, src_tp, dst_tp, dst_rank = case
     plan = plan_reads(spec, src_tp, dst_tp, dst_rank)
@@ -206,17 +207,17 @@ def test_packed_execution_rebuilds_the_dst_page(case, seed, pad):
     assert {r for r, n in enumerate(packed.slot_nbytes) if n} == set(plan.src_ranks)
 
 
-@given(case=rank_cases(max_tp=4), n_pairs=st.integers(1, 5), n_layers=st.integers(1, 3))
-def test_packed_fetch_is_one_descriptor_per_src_rank(case, n_pairs, n_layers):
-    from ssm_split._staging import pack_plan
+@given(case=rank_cases(max_tp=4), num_pairs=st.integers(1, 5), num_layers=st.integers(1, 3))
+def test_packed_fetch_is_one_descriptor_per_src_rank(case, num_pairs, num_layers):
+    from ssm_split.strategies._staging import pack_plan
 
     plan = plan_reads(*case)
     packed = pack_plan(plan)
-    pairs = np.stack([np.arange(n_pairs), np.arange(n_pairs)], axis=1)
+    pairs = np.stack([np.arange(num_pairs), np.arange(num_pairs)], axis=1)
     for src_rank in plan.src_ranks:
         n = packed.slot_nbytes[src_rank]
-        src = RegionSet.packed(1 << 40, num_layers=n_layers, num_blocks=n_pairs, page_nbytes=n)
-        dst = RegionSet.packed(1 << 30, num_layers=n_layers, num_blocks=n_pairs, page_nbytes=n)
+        src = RegionSet.packed(1 << 40, num_layers=num_layers, num_blocks=num_pairs, page_nbytes=n)
+        dst = RegionSet.packed(1 << 30, num_layers=num_layers, num_blocks=num_pairs, page_nbytes=n)
         exp = expand_plan(packed.fetch_plan(src_rank), {src_rank: src}, dst, pairs)
-        assert exp.n_descriptors == 1
-        assert exp.nbytes == n * n_pairs * n_layers
+        assert exp.num_descriptors == 1
+        assert exp.nbytes == n * num_pairs * num_layers

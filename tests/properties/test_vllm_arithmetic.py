@@ -23,8 +23,8 @@ import math
 import numpy as np
 from hypothesis import example, given
 
-from ssm_split import (GDNSpec, Mamba1Spec, Mamba2Spec, Read, page_layout, plan_all,
-                       plan_reads, sharded_shapes)
+from ssm_split import GDNSpec, Mamba1Spec, Mamba2Spec, Read, page_layout, plan_all, plan_reads
+from ssm_split.layout import sharded_shapes
 from ssm_split.reference import apply, content_nbytes, iota_state, random_state, shard
 from tests.strategies import replicated_transfer_cases, transfer_cases
 
@@ -119,7 +119,7 @@ def test_restatement_matches_vllms_published_remote_conv_offsets():
 
 # --- n_groups = 1 under heterogeneous TP: vLLM is wrong, plan_reads is right ---------------
 
-GRANITE_TINY = Mamba2Spec(num_heads=48, head_dim=64, n_groups=1, state_size=128, ssm_dtype="float32")
+GRANITE_TINY = Mamba2Spec(num_heads=48, head_dim=64, num_groups=1, state_size=128, ssm_dtype="float32")
 
 
 def _src_segments(spec, src_tp, read):
@@ -185,7 +185,7 @@ def _as_plan(spec, src_tp, dst_tp, dst_rank):
 
 
 @given(case=replicated_transfer_cases(divisible=True, layouts=("DS",)))
-@example(case=(Mamba2Spec(num_heads=2, head_dim=1, n_groups=1, state_size=1, conv_kernel=2), 1, 2))
+@example(case=(Mamba2Spec(num_heads=2, head_dim=1, num_groups=1, state_size=1, conv_kernel=2), 1, 2))
 @example(case=(GDNSpec(num_k_heads=1, num_v_heads=4, head_k_dim=2, head_v_dim=1), 4, 2))
 def test_replicated_groups_break_vllm_but_not_plan_reads(case):
     """Whenever the larger TP side replicates B/C groups or GDN key heads, some dst rank
@@ -211,7 +211,7 @@ def test_replicated_groups_break_vllm_but_not_plan_reads(case):
 
 @given(case=transfer_cases(divisible=True, replication=False, layouts=("DS",),
                            families=("mamba2", "gdn", "mamba1")))
-@example(case=(Mamba2Spec(num_heads=8, head_dim=2, n_groups=4, state_size=2), 4, 2))
+@example(case=(Mamba2Spec(num_heads=8, head_dim=2, num_groups=4, state_size=2), 4, 2))
 @example(case=(GDNSpec(num_k_heads=4, num_v_heads=8, head_k_dim=2, head_v_dim=3, spec_tokens=1), 2, 4))
 @example(case=(Mamba1Spec(intermediate_size=8, state_size=3, ssm_dtype="float32"), 8, 1))
 def test_fully_sharded_cases_move_identical_bytes(case):

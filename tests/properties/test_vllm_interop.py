@@ -31,8 +31,18 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import ssm_split
-from ssm_split import (GDNSpec, Mamba1Spec, Mamba2Spec, PlanError, ShortConvSpec, SpecError,
-                       page_layout, plan_all, plan_reads, sharded_shapes)
+from ssm_split import (
+    GDNSpec,
+    Mamba1Spec,
+    Mamba2Spec,
+    PlanError,
+    ShortConvSpec,
+    SpecError,
+    page_layout,
+    plan_all,
+    plan_reads,
+)
+from ssm_split.layout import sharded_shapes
 from ssm_split.reference import content_nbytes, iota_state, random_state, shard
 from tests.strategies import paddings, specs, transfer_cases
 
@@ -51,13 +61,13 @@ except ImportError as error:  # pragma: no cover - depends on the machine
 
 import torch  # noqa: E402  (vLLM's dependency, present whenever vLLM is)
 
-from ssm_split._cli import main  # noqa: E402
+from ssm_split.cli._main import main  # noqa: E402
 from ssm_split.integrations import vllm as sv  # noqa: E402
 from ssm_split.integrations._vllm_check import apply_reads, check_rank  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
-GRANITE_TINY = Mamba2Spec(num_heads=48, head_dim=64, n_groups=1, state_size=128,
+GRANITE_TINY = Mamba2Spec(num_heads=48, head_dim=64, num_groups=1, state_size=128,
                           conv_dtype="bfloat16", ssm_dtype="float32")
 SHARDED_FAMILIES = ("mamba2", "gdn", "mamba1")
 
@@ -115,7 +125,7 @@ def byte_sources(reads, dst_nbytes: int) -> np.ndarray:
 
 def test_core_and_integration_modules_import_no_vllm_or_torch():
     code = ("import sys, ssm_split, ssm_split.integrations.vllm, ssm_split.integrations._vllm_check\n"
-            "from ssm_split._cli import build_parser; build_parser()\n"
+            "from ssm_split.cli._main import build_parser; build_parser()\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('vllm', 'torch'))\n"
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -129,7 +139,7 @@ def vllm_shapes(spec, tp: int):
     extra = (spec.spec_tokens,) if getattr(spec, "spec_tokens", 0) else ()
     with sv.vllm_conv_layout_set(spec.conv_layout):
         if isinstance(spec, Mamba2Spec):
-            return calc.mamba2_state_shape(tp, spec.num_heads * spec.head_dim, spec.n_groups,
+            return calc.mamba2_state_shape(tp, spec.num_heads * spec.head_dim, spec.num_groups,
                                            spec.num_heads, spec.head_dim, spec.state_size,
                                            spec.conv_kernel, *extra)
         if isinstance(spec, GDNSpec):
@@ -142,7 +152,7 @@ def vllm_shapes(spec, tp: int):
 @given(case=vllm_layout_cases())
 @example(case=(ssm_split.model("nemotron-h-8b"), 8))  # vllm.md §8: ((1280, 3), (16, 64, 128))
 @example(case=(dataclasses.replace(GRANITE_TINY, conv_layout="SD"), 4))
-@example(case=(Mamba2Spec(num_heads=4, head_dim=1, n_groups=2, state_size=3, spec_tokens=2), 4))
+@example(case=(Mamba2Spec(num_heads=4, head_dim=1, num_groups=2, state_size=3, spec_tokens=2), 4))
 def test_sharded_shapes_equal_vllms_shape_calculator(case):
     spec, tp = case
     assert tuple(sharded_shapes(spec, tp)) == tuple(tuple(s) for s in vllm_shapes(spec, tp))
@@ -157,19 +167,19 @@ def test_nemotron_h_8b_tp8_shapes_are_the_published_ones():
 def hints(spec) -> dict:
     """The hf_config fields that settle every ambiguity."""
     if isinstance(spec, Mamba2Spec):
-        return {"n_groups": spec.n_groups, "conv_kernel": spec.conv_kernel}
+        return {"n_groups": spec.num_groups, "conv_kernel": spec.conv_kernel}
     if isinstance(spec, GDNSpec):
         return {"linear_num_key_heads": spec.num_k_heads, "linear_conv_kernel_dim": spec.conv_kernel}
     return {"mamba_d_conv": spec.conv_kernel}
 
 
 def one_unit_per_rank(spec, tp: int) -> bool:
-    units = {Mamba2Spec: "n_groups", GDNSpec: "num_k_heads"}.get(type(spec))
+    units = {Mamba2Spec: "num_groups", GDNSpec: "num_k_heads"}.get(type(spec))
     return units is not None and tp > 1 and sharded_units(spec, tp) == 1
 
 
 def sharded_units(spec, tp: int) -> int:
-    total = spec.n_groups if isinstance(spec, Mamba2Spec) else spec.num_k_heads
+    total = spec.num_groups if isinstance(spec, Mamba2Spec) else spec.num_k_heads
     return total // tp if total % tp == 0 else 1
 
 
@@ -226,7 +236,7 @@ def test_spec_from_vllm_rejects_what_it_cannot_read():
 
 
 def preset_config(name: str) -> dict:
-    text = resources.files("ssm_split").joinpath("data", f"{name}.json").read_text()
+    text = resources.files("ssm_split.specs").joinpath("data", f"{name}.json").read_text()
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
 
 
@@ -279,7 +289,7 @@ def test_vllm_reads_are_vllms_published_offsets():
 @given(case=vllm_transfer_cases())
 @example(case=(ssm_split.model("nemotron-h-8b"), 1, 8))
 @example(case=(ssm_split.model("qwen3.5-27b"), 8, 2))
-@example(case=(Mamba2Spec(num_heads=8, head_dim=2, n_groups=4, state_size=2), 4, 2))
+@example(case=(Mamba2Spec(num_heads=8, head_dim=2, num_groups=4, state_size=2), 4, 2))
 @example(case=(GDNSpec(num_k_heads=4, num_v_heads=8, head_k_dim=2, head_v_dim=3, spec_tokens=1), 2, 4))
 @example(case=(Mamba1Spec(intermediate_size=8, state_size=3, ssm_dtype="float32"), 8, 1))
 def test_plans_move_exactly_the_bytes_vllm_moves_where_it_is_right(case):
@@ -296,7 +306,7 @@ def test_plans_move_exactly_the_bytes_vllm_moves_where_it_is_right(case):
 
 
 @pytest.mark.parametrize("spec, src_tp, dst_tp, match", [
-    (Mamba2Spec(num_heads=12, head_dim=2, n_groups=12, state_size=2), 4, 6, "divide"),
+    (Mamba2Spec(num_heads=12, head_dim=2, num_groups=12, state_size=2), 4, 6, "divide"),
     (dataclasses.replace(GRANITE_TINY, conv_layout="SD"), 1, 2, "DS"),
     (ShortConvSpec(conv_dim=8), 1, 2, "Mamba1, Mamba2 and GDN"),
 ])
@@ -343,8 +353,8 @@ def test_granite_tiny_1_to_2_vllm_rebuilds_wrong_pages_ssm_split_right_ones():
 
 @given(case=single_group_cases())
 @example(case=(GRANITE_TINY, 2, 1))
-@example(case=(Mamba2Spec(num_heads=2, head_dim=1, n_groups=1, state_size=1, conv_kernel=2), 1, 2))
-@example(case=(Mamba2Spec(num_heads=8, head_dim=1, n_groups=1, state_size=2), 8, 2))
+@example(case=(Mamba2Spec(num_heads=2, head_dim=1, num_groups=1, state_size=1, conv_kernel=2), 1, 2))
+@example(case=(Mamba2Spec(num_heads=8, head_dim=1, num_groups=1, state_size=2), 8, 2))
 def test_single_group_hetero_tp_breaks_vllm_but_not_ssm_split(case):
     spec, src_tp, dst_tp = case
     wrong = []
@@ -373,9 +383,9 @@ def test_connector_read_offsets_are_the_plans_reads_by_src_rank(case):
 @st.composite
 def memory_cases(draw):
     spec, src_tp, dst_tp = draw(transfer_cases(max_tp=4))
-    n_blocks = draw(st.integers(1, 4))
-    dst_blocks = draw(st.permutations(range(n_blocks)))
-    src_blocks = draw(st.permutations(range(n_blocks)))
+    num_blocks = draw(st.integers(1, 4))
+    dst_blocks = draw(st.permutations(range(num_blocks)))
+    src_blocks = draw(st.permutations(range(num_blocks)))
     return (spec, src_tp, dst_tp, draw(st.integers(0, dst_tp - 1)), dst_blocks, src_blocks,
             draw(paddings()), draw(st.integers(1, 64)))
 
@@ -389,24 +399,24 @@ def test_block_descriptors_copy_whole_pages_between_padded_strided_memories(case
     plan = plan_reads(spec, src_tp, dst_tp, dst_rank)
     dst_stride = plan.dst_content_nbytes + pad  # = MambaSpec(page_size_padded=...).page_size_bytes
     src_stride = sv.page_stride_nbytes(block_len, plan.src_content_nbytes)
-    n_blocks, base, layers = len(dst_blocks), 4096, 2
-    states = {(layer, b): random_state(spec, 100 * layer + b) for layer in range(layers) for b in range(n_blocks)}
-    src_memory = [np.full(base + layers * n_blocks * src_stride, 0x5A, dtype=np.uint8) for _ in range(src_tp)]
+    num_blocks, base, layers = len(dst_blocks), 4096, 2
+    states = {(layer, b): random_state(spec, 100 * layer + b) for layer in range(layers) for b in range(num_blocks)}
+    src_memory = [np.full(base + layers * num_blocks * src_stride, 0x5A, dtype=np.uint8) for _ in range(src_tp)]
     for (layer, b), state in states.items():
         for rank, page in enumerate(shard(spec, state, src_tp)):
-            start = base + layer * n_blocks * src_stride + b * src_stride
+            start = base + layer * num_blocks * src_stride + b * src_stride
             src_memory[rank][start: start + len(page)] = page
-    dst_memory = np.full(base + layers * n_blocks * dst_stride, 0xA5, dtype=np.uint8)
+    dst_memory = np.full(base + layers * num_blocks * dst_stride, 0xA5, dtype=np.uint8)
     found = sv.block_descriptors(
         plan, dst_blocks, src_blocks,
-        dst_base_addrs=[base + layer * n_blocks * dst_stride for layer in range(layers)],
+        dst_base_addrs=[base + layer * num_blocks * dst_stride for layer in range(layers)],
         dst_page_stride_nbytes=dst_stride,
-        src_base_addrs={rank: [base + layer * n_blocks * src_stride for layer in range(layers)]
+        src_base_addrs={rank: [base + layer * num_blocks * src_stride for layer in range(layers)]
                         for rank in range(src_tp)},
         src_page_stride_nbytes=src_stride)
     assert tuple(d.src_rank for d in found) == plan.src_ranks
     for desc in found:
-        assert len(desc.local) == len(desc.remote) == layers * len(plan.reads_from(desc.src_rank)) * n_blocks
+        assert len(desc.local) == len(desc.remote) == layers * len(plan.reads_from(desc.src_rank)) * num_blocks
         for (dst_addr, n), (src_addr, m) in zip(desc.local, desc.remote):
             assert n == m
             dst_memory[dst_addr: dst_addr + n] = src_memory[desc.src_rank][src_addr: src_addr + m]
@@ -414,7 +424,7 @@ def test_block_descriptors_copy_whole_pages_between_padded_strided_memories(case
     for layer in range(layers):
         for dst_block, src_block in zip(dst_blocks, src_blocks):
             page = shard(spec, states[layer, src_block], dst_tp)[dst_rank]
-            start = base + layer * n_blocks * dst_stride + dst_block * dst_stride
+            start = base + layer * num_blocks * dst_stride + dst_block * dst_stride
             expected[start: start + len(page)] = page
     np.testing.assert_array_equal(dst_memory, expected)
 
@@ -457,7 +467,7 @@ def test_descriptor_helpers_reject_bad_geometry():
         sv.block_descriptors(plan, [0], [0], **{**good, "src_page_stride_nbytes": 100})
     with pytest.raises(PlanError, match="no entry for src rank 0"):
         sv.block_descriptors(plan, [0], [0], **{**good, "src_base_addrs": {}})
-    with pytest.raises(ssm_split.BlockRangeError):
+    with pytest.raises(ssm_split.errors.BlockRangeError):
         sv.block_descriptors(plan, [0, 1], [0], **good)
     with pytest.raises(PlanError, match="Plan"):
         sv.connector_read_offsets(plan.reads)

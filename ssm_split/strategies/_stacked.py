@@ -27,10 +27,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ._errors import PlanError
-from ._layout import PageLayout, Segment, page_layout
-from ._plan import Plan, Read, plan_reads
-from ._spec import Part, Spec, check_is_spec
+from ..errors import PlanError
+from ..layout._layout import PageLayout, Segment, page_layout
+from ..plan._plan import Plan, Read, plan_reads
+from ..specs._spec import Part, Spec, check_is_spec
 
 __all__ = ["StackedSpec", "stack_layers", "stacked_layout", "stacked_plan", "stack_pages",
            "unstack_page", "PartView", "layer_view"]
@@ -38,20 +38,20 @@ __all__ = ["StackedSpec", "stack_layers", "stacked_layout", "stacked_plan", "sta
 
 @dataclass(frozen=True, slots=True)
 class StackedSpec:
-    """`n_layers` layers of `base`, stacked unit-major in one page (see module doc).
+    """`num_layers` layers of `base`, stacked unit-major in one page (see module doc).
 
     It offers the spec attributes the layout code reads (`parts`, `conv_parts`,
     `temporal_part`, `temporal_tail`, `conv_rows`, dtypes, `conv_layout`), with every
-    unit size multiplied by `n_layers`.
+    unit size multiplied by `num_layers`.
     """
 
     base: Spec
-    n_layers: int
+    num_layers: int
 
     def __post_init__(self) -> None:
         check_is_spec(self.base, "base")
-        if isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int) or self.n_layers < 1:
-            raise PlanError(f"StackedSpec.n_layers must be an int >= 1, got {self.n_layers!r}.")
+        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:
+            raise PlanError(f"StackedSpec.num_layers must be an int >= 1, got {self.num_layers!r}.")
 
     @property
     def family(self) -> str:
@@ -75,16 +75,16 @@ class StackedSpec:
 
     @property
     def conv_parts(self) -> tuple[Part, ...]:
-        return tuple(dataclasses.replace(p, unit_size=p.unit_size * self.n_layers) for p in self.base.conv_parts)
+        return tuple(dataclasses.replace(p, unit_size=p.unit_size * self.num_layers) for p in self.base.conv_parts)
 
     @property
     def temporal_part(self) -> Part | None:
         part = self.base.temporal_part
-        return None if part is None else dataclasses.replace(part, unit_size=part.unit_size * self.n_layers)
+        return None if part is None else dataclasses.replace(part, unit_size=part.unit_size * self.num_layers)
 
     @property
     def temporal_tail(self) -> tuple[int, ...]:
-        return (self.n_layers, *self.base.temporal_tail) if self.base.temporal_part is not None else ()
+        return (self.num_layers, *self.base.temporal_tail) if self.base.temporal_part is not None else ()
 
     @property
     def parts(self) -> tuple[Part, ...]:
@@ -92,9 +92,9 @@ class StackedSpec:
         return self.conv_parts + tail
 
 
-def stack_layers(spec: Spec, n_layers: int) -> StackedSpec:
-    """The stacked layout of `n_layers` layers of `spec` (see module doc)."""
-    return StackedSpec(spec, n_layers)
+def stack_layers(spec: Spec, num_layers: int) -> StackedSpec:
+    """The stacked layout of `num_layers` layers of `spec` (see module doc)."""
+    return StackedSpec(spec, num_layers)
 
 
 def _scale_segment(seg: Segment, n: int) -> Segment:
@@ -102,27 +102,27 @@ def _scale_segment(seg: Segment, n: int) -> Segment:
 
 
 def stacked_layout(stacked: StackedSpec, tp: int, rank: int) -> PageLayout:
-    """The byte layout of `rank`'s stacked page: the per-layer layout scaled by `n_layers`."""
+    """The byte layout of `rank`'s stacked page: the per-layer layout scaled by `num_layers`."""
     _check_stacked(stacked)
     base = page_layout(stacked.base, tp, rank)
-    n = stacked.n_layers
+    n = stacked.num_layers
     return PageLayout(stacked, tp, rank, tuple(_scale_segment(s, n) for s in base.segments),
                       base.conv_nbytes * n, base.temporal_nbytes * n, base.units)
 
 
 def stacked_plan(stacked: StackedSpec, src_tp: int, dst_tp: int, dst_rank: int) -> Plan:
     """The reads of `dst_rank` between stacked pages: the per-layer plan scaled by
-    `n_layers`, so still maximal (contiguity is preserved by scaling)."""
+    `num_layers`, so still maximal (contiguity is preserved by scaling)."""
     _check_stacked(stacked)
     base = plan_reads(stacked.base, src_tp, dst_tp, dst_rank)
-    n = stacked.n_layers
+    n = stacked.num_layers
     reads = tuple(Read(r.src_rank, r.src_offset * n, r.dst_offset * n, r.nbytes * n) for r in base.reads)
     return Plan(stacked, src_tp, dst_tp, dst_rank, reads, base.src_content_nbytes * n, base.dst_content_nbytes * n)
 
 
 def _check_stacked(stacked: object) -> None:
     if not isinstance(stacked, StackedSpec):
-        raise PlanError(f"Expected a StackedSpec (from `stack_layers(spec, n_layers)`), got "
+        raise PlanError(f"Expected a StackedSpec (from `stack_layers(spec, num_layers)`), got "
                         f"{type(stacked).__name__}.")
 
 
@@ -134,10 +134,10 @@ def _unit_blocks(stacked: StackedSpec, tp: int, rank: int):
 
 
 def stack_pages(stacked: StackedSpec, pages: Sequence[np.ndarray], tp: int, rank: int) -> np.ndarray:
-    """Build `rank`'s stacked page from its `n_layers` per-layer pages (1-D uint8 each,
+    """Build `rank`'s stacked page from its `num_layers` per-layer pages (1-D uint8 each,
     content first; padding ignored). Returns a new 1-D uint8 array of the stacked content."""
     _check_stacked(stacked)
-    n = stacked.n_layers
+    n = stacked.num_layers
     if len(pages) != n:
         raise PlanError(f"stack_pages needs {n} per-layer pages, got {len(pages)}.")
     out = np.empty(stacked_layout(stacked, tp, rank).content_nbytes, dtype=np.uint8)
@@ -150,9 +150,9 @@ def stack_pages(stacked: StackedSpec, pages: Sequence[np.ndarray], tp: int, rank
 
 
 def unstack_page(stacked: StackedSpec, page: np.ndarray, tp: int, rank: int) -> list[np.ndarray]:
-    """The `n_layers` per-layer page contents held by a stacked page (inverse of `stack_pages`)."""
+    """The `num_layers` per-layer page contents held by a stacked page (inverse of `stack_pages`)."""
     _check_stacked(stacked)
-    n = stacked.n_layers
+    n = stacked.num_layers
     content = page_layout(stacked.base, tp, rank).content_nbytes
     layers = [np.empty(content, dtype=np.uint8) for _ in range(n)]
     page = np.asarray(page, dtype=np.uint8)
@@ -187,7 +187,7 @@ def layer_view(stacked: StackedSpec, tp: int, rank: int, layer: int) -> tuple[Pa
     `(units_r, unit_channels)`; temporal: `(units_r, *tail)`. Strides are in bytes.
     """
     _check_stacked(stacked)
-    n = stacked.n_layers
+    n = stacked.num_layers
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
         raise PlanError(f"layer must be an int in [0, {n}), got {layer!r}.")
     base, spec = page_layout(stacked.base, tp, rank), stacked.base

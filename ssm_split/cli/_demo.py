@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import SsmSplitError, TransferError
-from .._layout import page_layout
-from .._plan import plan_all
-from .._render import format_bytes, format_table
+from ..errors import SsmSplitError, TransferError
+from ..layout._layout import page_layout
+from ..plan._plan import plan_all
+from .._text import format_bytes, format_table
 from ._demo_worker import DemoConfig, dst_main, src_main
 
 __all__ = ["COMMANDS"]
@@ -60,15 +60,15 @@ def _round_up(value: int, step: int) -> int:
 
 
 def _config(args: argparse.Namespace) -> tuple[DemoConfig, Any]:
-    from .._cli_core import resolve_model
+    from ._core import resolve_model
 
     info = resolve_model(args.model)
     for name in ("src_tp", "dst_tp", "requests", "layers", "batch"):
         if getattr(args, name) < 1:
             raise SsmSplitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
-    if args.layers > info.n_state_layers:
-        raise SsmSplitError(f"{info.name} has {info.n_state_layers} state layers; pass "
-                            f"--layers {info.n_state_layers} or fewer.")
+    if args.layers > info.num_state_layers:
+        raise SsmSplitError(f"{info.name} has {info.num_state_layers} state layers; pass "
+                            f"--layers {info.num_state_layers} or fewer.")
     src_content = page_layout(info.spec, args.src_tp, 0).content_nbytes  # ShardingError if unfit
     dst_content = page_layout(info.spec, args.dst_tp, 0).content_nbytes
     num_blocks = args.requests + max(4, args.requests // 2)
@@ -76,13 +76,13 @@ def _config(args: argparse.Namespace) -> tuple[DemoConfig, Any]:
     pairs = np.stack([rng.choice(num_blocks, args.requests, replace=False),
                       rng.choice(num_blocks, args.requests, replace=False)], axis=1)
     cfg = DemoConfig(
-        spec=info.spec, src_tp=args.src_tp, dst_tp=args.dst_tp, n_layers=args.layers,
+        spec=info.spec, src_tp=args.src_tp, dst_tp=args.dst_tp, num_layers=args.layers,
         pairs=tuple((int(s), int(d)) for s, d in pairs), num_blocks=num_blocks,
         src_page_nbytes=_round_up(src_content, _SRC_PAGE_ALIGN),
         dst_page_nbytes=_round_up(dst_content, _DST_PAGE_ALIGN),
         layout=args.layout, device=args.device, seed=args.seed, batch=args.batch,
         timeout_s=args.timeout)
-    slots = cfg.n_layers * cfg.num_blocks
+    slots = cfg.num_layers * cfg.num_blocks
     total = slots * (cfg.src_tp * cfg.src_page_nbytes * 2 + cfg.dst_tp * cfg.dst_page_nbytes * 3)
     if total > _MAX_MEMORY_NBYTES:
         raise SsmSplitError(f"This run needs about {format_bytes(total)} of host memory (pages and "
@@ -177,7 +177,7 @@ def _summary(cfg: DemoConfig, info: Any, results: dict[int, dict], freed: dict[i
     lines = [
         f"ssm-split demo: {info.name} ({info.layer_kind}), src_tp {cfg.src_tp} -> dst_tp "
         f"{cfg.dst_tp}, {mem}, {cfg.src_tp + cfg.dst_tp} processes, NIXL over UCX",
-        f"  {len(cfg.pairs)} requests x {cfg.n_layers} layers, scattered blocks of {cfg.num_blocks}, "
+        f"  {len(cfg.pairs)} requests x {cfg.num_layers} layers, scattered blocks of {cfg.num_blocks}, "
         f"{cfg.layout}-major pages; src page {format_bytes(cfg.src_page_nbytes)} "
         f"(content {format_bytes(page_layout(cfg.spec, cfg.src_tp, 0).content_nbytes)}), dst page "
         f"{format_bytes(cfg.dst_page_nbytes)} (content "
@@ -223,7 +223,7 @@ def _summary(cfg: DemoConfig, info: Any, results: dict[int, dict], freed: dict[i
 def _run(args: argparse.Namespace) -> int:
     cfg, info = _config(args)
     if importlib.util.find_spec("nixl") is None:  # fail early; the processes import it
-        from ._nixl_hint import INSTALL_HINT
+        from ..nixl_backend._nixl_hint import INSTALL_HINT
 
         print(f"ssm-split demo: error: {INSTALL_HINT}", file=sys.stderr)
         return 2

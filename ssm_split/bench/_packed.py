@@ -15,9 +15,10 @@ import time
 
 import numpy as np
 
-from .._expand import RegionSet, expand_plan
-from .._staging import pack_plan
-from ._bench_common import n_regions, plan_for, regions
+from ..layout._regions import RegionSet
+from ..expand._expand import expand_plan
+from ..strategies._staging import pack_plan
+from ._common import num_regions, plan_for, regions
 
 
 def packed_plan(cfg: dict, dst_rank: int):
@@ -32,7 +33,7 @@ def wave_pairs(cfg: dict) -> int:
     plans = [packed_plan(cfg, r) for r in range(cfg["dst_tp"])]
     per_dst = max(sum(p.slot_nbytes) for p in plans)
     per_src = max(sum(p.slot_nbytes[s] for p in plans) for s in range(cfg["src_tp"]))
-    wave = cfg["staging_nbytes"] // 2 // (n_regions(cfg) * max(per_dst, per_src))  # two halves
+    wave = cfg["staging_nbytes"] // 2 // (num_regions(cfg) * max(per_dst, per_src))  # two halves
     if wave < 1:
         raise ValueError("--staging-mib is too small to pack one request; raise it")
     return wave
@@ -112,7 +113,7 @@ def run_packed(cfg: dict, threads: int, pairs, src_pipes, dst_pipes, args) -> tu
 
 def pack_prepare(rank, pairs: np.ndarray, per_wave: int) -> int:
     """Src side: one gather table per wave, packing what every dst rank needs."""
-    cfg, mem, layers = rank.cfg, rank.mem, n_regions(rank.cfg)
+    cfg, mem, layers = rank.cfg, rank.mem, num_regions(rank.cfg)
     mine = {rank.rank: regions(rank.addrs, cfg["num_blocks"], cfg["src_page_nbytes"], mem.dev_id)}
     plans = [packed_plan(cfg, r) for r in range(cfg["dst_tp"])]
     rank.pack_tables = []
@@ -154,7 +155,7 @@ def prepare_packed(rank, threads: int, pairs: np.ndarray, per_wave: int) -> dict
     t_start = time.perf_counter()
     rank.use_threads(threads)
     rank.release()
-    cfg, mem, layers = rank.cfg, rank.mem, n_regions(rank.cfg)
+    cfg, mem, layers = rank.cfg, rank.mem, num_regions(rank.cfg)
     packed = packed_plan(cfg, rank.rank)
     before = [packed_plan(cfg, r) for r in range(rank.rank)]  # dst ranks packed ahead of us
     dst_regions = rank.dst_regions()
@@ -176,7 +177,7 @@ def prepare_packed(rank, threads: int, pairs: np.ndarray, per_wave: int) -> dict
                                      device_id=mem.dev_id)
             exp = expand_plan(packed.fetch_plan(s), {s: remote}, local, np.stack([slots, slots], axis=1))
             items += [rank.prep_lists(r) for r in exp.ranks]
-            descriptors += exp.n_descriptors
+            descriptors += exp.num_descriptors
             landed[s] = local
             local_at += layers * per_wave * slot
         prep.waves.append(items)

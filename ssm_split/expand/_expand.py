@@ -31,9 +31,9 @@ from typing import Mapping, Sequence, Union
 
 import numpy as np
 
-from ._errors import BlockRangeError, PlanError
-from ._plan import Plan
-from ._regions import Buffer, LayerRegion, RegionSet
+from ..errors import BlockRangeError, PlanError
+from ..plan._plan import Plan
+from ..layout._regions import Buffer, LayerRegion, RegionSet
 
 __all__ = ["Buffer", "LayerRegion", "RegionSet", "RankDescriptors", "RankedBatch", "Expansion",
            "check_batch", "expand_plan"]
@@ -51,16 +51,16 @@ class RankDescriptors:
             in ascending address order; read-only.
         src_descs: shape `(M, 3)` uint64, remote (src) side; row `i` pairs with
             `dst_descs[i]` and has the same `nbytes`; read-only.
-        n_reads: plan reads x layers x requests, before merging.
+        num_reads: plan reads x layers x requests, before merging.
     """
 
     src_rank: int
     dst_descs: np.ndarray
     src_descs: np.ndarray
-    n_reads: int
+    num_reads: int
 
     @property
-    def n_descriptors(self) -> int:
+    def num_descriptors(self) -> int:
         return int(self.dst_descs.shape[0])
 
     @property
@@ -77,8 +77,8 @@ class RankedBatch:
         plan: the dst rank's plan.
         block_pairs: shape `(N, 2)` int64 `(src_block, dst_block)`, sorted by dst block.
         layers: shape `(m,)` int64, the layers moved.
-        ranks: by ascending src rank; each has `src_rank`, `n_reads` (plan reads x layers
-            x requests, before merging), `n_descriptors` and `nbytes`.
+        ranks: by ascending src rank; each has `src_rank`, `num_reads` (plan reads x layers
+            x requests, before merging), `num_descriptors` and `nbytes`.
     """
 
     plan: Plan
@@ -87,12 +87,12 @@ class RankedBatch:
     ranks: tuple
 
     @property
-    def n_reads(self) -> int:
-        return sum(r.n_reads for r in self.ranks)
+    def num_reads(self) -> int:
+        return sum(r.num_reads for r in self.ranks)
 
     @property
-    def n_descriptors(self) -> int:
-        return sum(r.n_descriptors for r in self.ranks)
+    def num_descriptors(self) -> int:
+        return sum(r.num_descriptors for r in self.ranks)
 
     @property
     def nbytes(self) -> int:
@@ -137,9 +137,9 @@ def _check_pairs(block_pairs: object) -> np.ndarray:
 
 
 def _check_layers(layers: object, sides: list[tuple[str, RegionSet]]) -> np.ndarray:
-    n_layers = min(regions.num_layers for _, regions in sides)
+    num_layers = min(regions.num_layers for _, regions in sides)
     if layers is None:
-        return np.arange(n_layers, dtype=np.int64)
+        return np.arange(num_layers, dtype=np.int64)
     ids = np.asarray(layers)
     if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
         raise PlanError(f"layers must be a 1-D sequence of ints, got {layers!r}.")
@@ -304,15 +304,15 @@ def _descriptors(dst_pages, src_pages, dst_dev, src_dev, joinable, src_off, dst_
     sides. Reads inside one page are already maximal, so runs can only join across the
     boundary between the last read of page `p` and the first read of page `p + 1`.
     """
-    n_pages, k = dst_pages.size, lengths.size
+    num_pages, k = dst_pages.size, lengths.size
     dst = _fill(dst_pages, dst_off, lengths, dst_dev)
     src = _fill(src_pages, src_off, lengths, src_dev)
-    if n_pages > 1:
+    if num_pages > 1:
         tail = lengths[k - 1]
         join = joinable & (dst_pages[:-1] + (dst_off[k - 1] + tail) == dst_pages[1:] + dst_off[0])
         join &= src_pages[:-1] + (src_off[k - 1] + tail) == src_pages[1:] + src_off[0]
         if join.any():
-            is_start = np.ones(n_pages * k, dtype=bool)
+            is_start = np.ones(num_pages * k, dtype=bool)
             is_start[k::k] = ~join
             starts = np.flatnonzero(is_start)
             merged = np.add.reduceat(dst[:, 1], starts)
@@ -375,6 +375,6 @@ def expand_plan(plan: Plan, src_regions: SrcRegions, dst_regions: RegionSet,
         joinable = dst_joinable & (src_buffer[1:] == src_buffer[:-1])
         dst_desc, src_desc = _descriptors(dst_pages, src_pages, dst_dev, src_cols["device_id"][page_layer],
                                           joinable, src_off, dst_off, lengths)
-        n_reads = len(plan.reads_from(src_rank)) * dst_pages.size
-        ranks.append(RankDescriptors(src_rank, dst_desc, src_desc, n_reads))
+        num_reads = len(plan.reads_from(src_rank)) * dst_pages.size
+        ranks.append(RankDescriptors(src_rank, dst_desc, src_desc, num_reads))
     return Expansion(plan, pairs, layer_ids, tuple(ranks))

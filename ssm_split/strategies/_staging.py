@@ -32,8 +32,8 @@ from typing import Sequence
 import numpy as np
 
 from ._cost import DEFAULT_COST_MODEL, CostModel, choose_groups
-from ._errors import PlanError
-from ._plan import Plan, Read
+from ..errors import PlanError
+from ..plan._plan import Plan, Read
 
 __all__ = ["Span", "Move", "StagedPlan", "stage_plan", "apply_staged", "PackedPlan", "pack_plan", "apply_packed",
            "SLOT_ALIGN_NBYTES"]

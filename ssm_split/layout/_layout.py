@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ._errors import ShardingError
-from ._spec import Part, Spec, check_is_spec
+from ..errors import ShardingError
+from ..specs._spec import Part, Spec, check_is_spec
 
 __all__ = ["UnitRange", "Segment", "PageLayout", "rank_units", "page_layout", "sharded_shapes"]
 
@@ -42,7 +42,7 @@ class UnitRange:
     replicated: bool = False
 
     @property
-    def n_units(self) -> int:
+    def num_units(self) -> int:
         return self.stop - self.start
 
 
@@ -116,14 +116,14 @@ class PageLayout:
 
 def _shard_error(spec: Spec, part: Part, tp: int) -> ShardingError:
     rule = (
-        f"either {part.n_units} % tp == 0, or tp % {part.n_units} == 0 (each rank then "
+        f"either {part.num_units} % tp == 0, or tp % {part.num_units} == 0 (each rank then "
         f"holds one replicated unit)"
         if part.replicable
-        else f"{part.n_units} % tp == 0"
+        else f"{part.num_units} % tp == 0"
     )
-    divisors = [d for d in range(1, part.n_units + 1) if part.n_units % d == 0]
+    divisors = [d for d in range(1, part.num_units + 1) if part.num_units % d == 0]
     return ShardingError(
-        f"Cannot shard `{part.name}` of {spec!r} on tp={tp}: it has {part.n_units} "
+        f"Cannot shard `{part.name}` of {spec!r} on tp={tp}: it has {part.num_units} "
         f"{part.unit_name}, and sharding by whole {part.unit_name} needs {rule}. "
         f"Pick a TP size from {divisors}"
         + (" or a multiple of it" if part.replicable else "")
@@ -132,11 +132,11 @@ def _shard_error(spec: Spec, part: Part, tp: int) -> ShardingError:
 
 
 def _part_units(spec: Spec, part: Part, tp: int, rank: int) -> UnitRange:
-    if part.n_units % tp == 0:
-        per_rank = part.n_units // tp
+    if part.num_units % tp == 0:
+        per_rank = part.num_units // tp
         return UnitRange(part.name, rank * per_rank, (rank + 1) * per_rank)
-    if part.replicable and tp % part.n_units == 0:
-        unit = rank // (tp // part.n_units)
+    if part.replicable and tp % part.num_units == 0:
+        unit = rank // (tp // part.num_units)
         return UnitRange(part.name, unit, unit + 1, replicated=True)
     raise _shard_error(spec, part, tp)
 
@@ -187,7 +187,7 @@ def _page_layout(spec: Spec, tp: int, rank: int) -> PageLayout:
     rows = spec.conv_rows
     conv_elem = spec.conv_nbytes_per_elem
     conv_units = units[: len(spec.conv_parts)]
-    widths = [u.n_units * p.unit_size for u, p in zip(conv_units, spec.conv_parts)]
+    widths = [u.num_units * p.unit_size for u, p in zip(conv_units, spec.conv_parts)]
     channels = sum(widths)
     segments: list[Segment] = []
     first_channel = 0
@@ -208,7 +208,7 @@ def _page_layout(spec: Spec, tp: int, rank: int) -> PageLayout:
     temporal_nbytes = 0
     if spec.temporal_part is not None:
         t_units = units[-1]
-        temporal_nbytes = t_units.n_units * spec.temporal_part.unit_size * spec.ssm_nbytes_per_elem
+        temporal_nbytes = t_units.num_units * spec.temporal_part.unit_size * spec.ssm_nbytes_per_elem
         segments.append(Segment("temporal", conv_nbytes, temporal_nbytes, t_units.start, t_units.stop))
     segments.sort(key=lambda s: s.offset)
     return PageLayout(spec, tp, rank, tuple(segments), conv_nbytes, temporal_nbytes, units)
@@ -232,11 +232,11 @@ def sharded_shapes(spec: Spec, tp: int) -> tuple[tuple[int, ...] | None, tuple[i
         conv_shape = (channels, rows) if spec.conv_layout == "DS" else (rows, channels)
     temporal_shape = None
     if spec.temporal_part is not None:
-        temporal_shape = (layout.units[-1].n_units, *spec.temporal_tail)
+        temporal_shape = (layout.units[-1].num_units, *spec.temporal_tail)
     return conv_shape, temporal_shape
 
 
 def sub_projection_widths(spec: Spec, tp: int) -> tuple[int, ...]:
     """Per-rank channel widths of the conv sub-projections, e.g. `(x_r, B_r, C_r)`."""
     units = rank_units(spec, tp, 0)
-    return tuple(u.n_units * p.unit_size for u, p in zip(units, spec.conv_parts))
+    return tuple(u.num_units * p.unit_size for u, p in zip(units, spec.conv_parts))

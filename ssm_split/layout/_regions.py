@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ._errors import PlanError
+from ..errors import PlanError
 
 __all__ = ["Buffer", "LayerRegion", "RegionSet"]
 

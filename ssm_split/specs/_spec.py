@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Union
 
-from ._errors import SpecError, SpecMismatchError
+from ..errors import SpecError, SpecMismatchError
 
 __all__ = [
     "DTYPE_NBYTES",
@@ -47,16 +47,16 @@ class Part:
 
     Attributes:
         name: segment name, e.g. `"conv.x"`, `"conv.B"`, `"temporal"`.
-        n_units: number of shardable units in the full state (heads, groups, channels).
+        num_units: number of shardable units in the full state (heads, groups, channels).
         unit_size: for a conv part, channels per unit; for the temporal part, elements
             per unit (the product of the temporal shape after its first axis).
         unit_name: what a unit is, for messages (`"heads"`, `"groups"`, ...).
-        replicable: True when ranks may hold whole copies of a unit if `n_units < tp`
+        replicable: True when ranks may hold whole copies of a unit if `num_units < tp`
             (Mamba2 B/C groups, GDN Q/K key heads).
     """
 
     name: str
-    n_units: int
+    num_units: int
     unit_size: int
     unit_name: str
     replicable: bool = False
@@ -164,13 +164,13 @@ class _Spec:
     @property
     def full_conv_channels(self) -> int:
         """Conv channels of the full (unsharded) state, without replication."""
-        return sum(p.n_units * p.unit_size for p in self.conv_parts)
+        return sum(p.num_units * p.unit_size for p in self.conv_parts)
 
     @property
     def full_temporal_shape(self) -> tuple[int, ...] | None:
         """Shape of the full temporal state, or None."""
         part = self.temporal_part
-        return None if part is None else (part.n_units, *self.temporal_tail)
+        return None if part is None else (part.num_units, *self.temporal_tail)
 
 
 class _ConvSpec(_Spec):
@@ -192,14 +192,14 @@ class _ConvSpec(_Spec):
 class Mamba2Spec(_ConvSpec):
     """Mamba2 layer (Nemotron-H, Falcon-H1, Granite-4.0-H, Mamba2, Bamba, Zamba2).
 
-    Full conv channels `[x: num_heads*head_dim | B: n_groups*state_size | C: same]`,
+    Full conv channels `[x: num_heads*head_dim | B: num_groups*state_size | C: same]`,
     temporal state of shape `(num_heads, head_dim, state_size)`. B and C are replicated
-    when `n_groups` is smaller than the TP size.
+    when `num_groups` is smaller than the TP size.
     """
 
     num_heads: int
     head_dim: int
-    n_groups: int
+    num_groups: int
     state_size: int
     conv_kernel: int = 4
     conv_dtype: str = "bfloat16"
@@ -207,22 +207,22 @@ class Mamba2Spec(_ConvSpec):
     conv_layout: str = "DS"
     spec_tokens: int = 0
     family: ClassVar[str] = "mamba2"
-    _dims: ClassVar[tuple[str, ...]] = ("num_heads", "head_dim", "n_groups", "state_size")
+    _dims: ClassVar[tuple[str, ...]] = ("num_heads", "head_dim", "num_groups", "state_size")
 
     def _check_relations(self) -> None:
-        if self.num_heads % self.n_groups:
+        if self.num_heads % self.num_groups:
             raise SpecError(
                 f"Mamba2Spec: `num_heads`={self.num_heads} is not a multiple of "
-                f"`n_groups`={self.n_groups}; every group must own the same number of heads. "
-                f"Check `mamba_num_heads` and `n_groups` in the model's config.json."
+                f"`num_groups`={self.num_groups}; every group must own the same number of heads. "
+                f"Check `mamba_num_heads` and `n_groups` (the spec's `num_groups`) in the model's config.json."
             )
 
     @property
     def conv_parts(self) -> tuple[Part, ...]:
         return (
             Part("conv.x", self.num_heads, self.head_dim, "heads"),
-            Part("conv.B", self.n_groups, self.state_size, "groups", replicable=True),
-            Part("conv.C", self.n_groups, self.state_size, "groups", replicable=True),
+            Part("conv.B", self.num_groups, self.state_size, "groups", replicable=True),
+            Part("conv.C", self.num_groups, self.state_size, "groups", replicable=True),
         )
 
     @property
@@ -359,7 +359,7 @@ def check_is_spec(value: object, argument: str = "spec") -> None:
         names = ", ".join(t.__name__ for t in SPEC_TYPES)
         raise SpecError(
             f"`{argument}` must be a state spec ({names}), got {type(value).__name__}. "
-            f"Build one, e.g. `Mamba2Spec(num_heads=8, head_dim=64, n_groups=1, state_size=128)`, "
+            f"Build one, e.g. `Mamba2Spec(num_heads=8, head_dim=64, num_groups=1, state_size=128)`, "
             f"or look up a preset with `ssm_split.model(name)`."
         )
 

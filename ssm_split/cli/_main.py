@@ -16,21 +16,21 @@ import importlib
 import sys
 from typing import Sequence
 
-from ._errors import SsmSplitError
+from ..errors import SsmSplitError
 
 # name -> module that implements it (relative to this package)
 SUBCOMMANDS: tuple[tuple[str, str], ...] = (
-    ("models", "._cli_core"),
-    ("layout", "._cli_core"),
-    ("plan", "._cli_core"),
-    ("demo", ".nixl_backend._demo"),
-    ("bench", ".nixl_backend._bench"),
-    ("vllm-check", ".integrations._vllm_check"),
+    ("models", "ssm_split.cli._core"),
+    ("layout", "ssm_split.cli._core"),
+    ("plan", "ssm_split.cli._core"),
+    ("demo", "ssm_split.cli._demo"),
+    ("bench", "ssm_split.bench._run"),
+    ("vllm-check", "ssm_split.integrations._vllm_check"),
 )
 
 
 def _module(path: str):
-    return importlib.import_module(path, __package__)
+    return importlib.import_module(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = _module(path)
         except ModuleNotFoundError as error:  # not written yet: not offered
-            if error.name and error.name.startswith(__package__):
+            if error.name and error.name.startswith("ssm_split"):
                 continue
             raise
         help_text, add_arguments, run = module.COMMANDS[name]

@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 
-from ._bench_packed import replies, run_packed, send_all
+from ._packed import replies, run_packed, send_all
 
 HELP = "time vLLM's descriptor pattern against ssm_split's strategies on real NIXL READs"
 
@@ -62,10 +62,10 @@ def _align(n: int, to: int = 4096) -> int:
 
 def build_config(args) -> dict:
     import ssm_split
-    from .._layout import page_layout
+    from ..layout._layout import page_layout
 
     info = ssm_split.preset_info(args.model)
-    layers = args.layers or info.n_state_layers
+    layers = args.layers or info.num_state_layers
     spec = info.spec
     stacked = args.layout == "stacked"
     scale = layers if stacked else 1
@@ -119,7 +119,7 @@ def _label(name: str, threads: int) -> str:
 
 def run_config(args) -> list[dict]:
     """Run one configuration; returns its JSON records."""
-    from ._bench_rank import rank_main
+    from ._rank import rank_main
 
     os.environ.setdefault("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")
     cfg = build_config(args)
@@ -245,7 +245,7 @@ def _speedups(records: list[dict]) -> None:
 
 
 def format_records(records: list[dict]) -> str:
-    from .._render import format_table
+    from .._text import format_table
 
     rows = []
     for r in records:

@@ -1,6 +1,6 @@
 """Presets of real models, built from small excerpts of their Hugging Face `config.json`.
 
-Each preset is one file `ssm_split/data/<name>.json`: the config fields its family needs
+Each preset is one file `ssm_split/specs/data/<name>.json`: the config fields its family needs
 (see `_hf_config`), plus `_hf_id` (the Hugging Face repository), optional `_hf_aliases`
 (other repositories with the same state, e.g. the -Base twin) and `_source` (where the
 values come from, and whether they were read from the real file or reconstructed).
@@ -10,8 +10,8 @@ Names are the lowercase model name without organisation and without -Instruct/-B
 (`qwen3.5-27b`, `nemotron-h-8b`, `granite-4.0-h-tiny`, ...).
 
     >>> ssm_split.model("nemotron-h-8b")                  # or "nvidia/Nemotron-H-8B-Base-8K"
-    Mamba2Spec(num_heads=128, head_dim=64, n_groups=8, state_size=128, ...)
-    >>> ssm_split.preset_info("jamba-v0.1").n_state_layers
+    Mamba2Spec(num_heads=128, head_dim=64, num_groups=8, state_size=128, ...)
+    >>> ssm_split.preset_info("jamba-v0.1").num_state_layers
     28
 """
 
@@ -24,7 +24,7 @@ from importlib import resources
 from types import MappingProxyType
 from typing import Mapping
 
-from ._errors import SpecError
+from ..errors import SpecError
 from ._hf_config import ParsedConfig, parse_hf_config
 from ._spec import Spec
 
@@ -43,8 +43,8 @@ class ModelInfo:
         spec: per-layer state spec (every state layer has the same one).
         model_type: the family key the config was read as (`"nemotron_h"`, ...).
         layer_kind: the recurrent mixer in words (`"Mamba2"`, `"Gated DeltaNet"`, `"KDA"`, ...).
-        n_state_layers: layers carrying this state; a request holds one page per layer.
-        n_layers: all decoder layers of the model.
+        num_state_layers: layers carrying this state; a request holds one page per layer.
+        num_layers: all decoder layers of the model.
         source: where the config values come from (real config, or reconstructed).
     """
 
@@ -53,8 +53,8 @@ class ModelInfo:
     spec: Spec
     model_type: str
     layer_kind: str
-    n_state_layers: int
-    n_layers: int
+    num_state_layers: int
+    num_layers: int
     source: str = ""
 
     @property
@@ -65,7 +65,7 @@ class ModelInfo:
 
 def _info(name: str, hf_id: str, parsed: ParsedConfig, source: str) -> ModelInfo:
     return ModelInfo(name, hf_id, parsed.spec, parsed.model_type, parsed.layer_kind,
-                     parsed.n_state_layers, parsed.n_layers, source)
+                     parsed.num_state_layers, parsed.num_layers, source)
 
 
 def model_info_from_hf_config(config: Mapping, name: str = "", hf_id: str = "") -> ModelInfo:

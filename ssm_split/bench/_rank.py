@@ -15,11 +15,11 @@ import traceback
 
 import numpy as np
 
-from .._cost import CostModel
-from .._expand import expand_plan
-from . import _bench_packed as packed
-from . import _bench_staged as staged
-from ._bench_common import Memory, n_regions, page_keys, plan_for, regions, template_pages
+from ..strategies._cost import CostModel
+from ..expand._expand import expand_plan
+from . import _packed as packed
+from . import _staged as staged
+from ._common import Memory, num_regions, page_keys, plan_for, regions, template_pages
 
 
 class Prepared:
@@ -59,7 +59,7 @@ class Rank:
             keys = keys[:1]
         self.template = self.mem.put(padded)
         self.keys = [self.mem.put(k) for k in keys]
-        self.buffers = [self.mem.zeros(cfg["num_blocks"], page) for _ in range(n_regions(cfg))]
+        self.buffers = [self.mem.zeros(cfg["num_blocks"], page) for _ in range(num_regions(cfg))]
         for i, buf in enumerate(self.buffers):
             if self.role == "src":
                 self.mem.fill(buf, self.template, self.keys[i])
@@ -80,7 +80,7 @@ class Rank:
         return True
 
     def _make_agent(self, threads: int):
-        from ._nixl import make_agent
+        from ..nixl_backend._nixl import make_agent
 
         return make_agent(f"bench-{self.role}{self.rank}-t{threads}-{time.monotonic_ns()}", num_threads=threads)
 
@@ -125,7 +125,7 @@ class Rank:
             np.ascontiguousarray(rank_desc.dst_descs), mem_type), mem_type)
         remote = agent.prep_xfer_dlist(self.remotes[rank_desc.src_rank], agent.get_xfer_descs(
             np.ascontiguousarray(rank_desc.src_descs), mem_type), mem_type)
-        return rank_desc.src_rank, local, remote, np.arange(rank_desc.n_descriptors, dtype=np.int32)
+        return rank_desc.src_rank, local, remote, np.arange(rank_desc.num_descriptors, dtype=np.int32)
 
     def prepare(self, name: str, threads: int, pairs: np.ndarray, model: dict | None, staging_cap: int):
         t_start = time.perf_counter()
@@ -134,7 +134,7 @@ class Rank:
         cfg = self.cfg
         plan = plan_for(name, cfg, self.rank, CostModel(**model) if model else None)
         layers = None if cfg["layout"] == "per-layer" else [0]
-        n_layers = n_regions(cfg)
+        num_layers = num_regions(cfg)
         prep = Prepared()
         src_regions, dst_regions = self.src_regions(), self.dst_regions()
         is_staged = name == "staged"
@@ -143,17 +143,17 @@ class Rank:
         if direct.reads:
             exp = expand_plan(direct, src_regions, dst_regions, pairs, layers=layers)
             prep.direct = [self.prep_lists(r) for r in exp.ranks]
-            descriptors += exp.n_descriptors
+            descriptors += exp.num_descriptors
             requests += len(exp.ranks)
         if is_staged and plan.spans:
             d, r, staging_used = staged.stage_waves(self, plan, pairs, prep, src_regions, dst_regions,
-                                                    n_layers, staging_cap)
+                                                    num_layers, staging_cap)
             descriptors, requests = descriptors + d, requests + r
         per_page = plan.plan.nbytes if is_staged else plan.nbytes
         prep.stats.update(descriptors=descriptors, requests=requests,
-                          read_nbytes=(plan.read_nbytes_per_page if is_staged else plan.nbytes) * n_layers * len(pairs),
-                          nbytes=per_page * n_layers * len(pairs),
-                          gathered_nbytes=(plan.gathered_nbytes_per_page * n_layers * len(pairs)) if is_staged else 0,
+                          read_nbytes=(plan.read_nbytes_per_page if is_staged else plan.nbytes) * num_layers * len(pairs),
+                          nbytes=per_page * num_layers * len(pairs),
+                          gathered_nbytes=(plan.gathered_nbytes_per_page * num_layers * len(pairs)) if is_staged else 0,
                           staging_nbytes=staging_used, waves=len(prep.waves), prep_s=time.perf_counter() - t_start)
         self.prepared = prep
         return prep.stats

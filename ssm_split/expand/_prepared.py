@@ -37,10 +37,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ._errors import PlanError
+from ..errors import PlanError
 from ._expand import RankedBatch, check_batch, check_dst_overlap, check_pages, merged_reads
-from ._plan import Plan
-from ._regions import RegionSet
+from ..plan._plan import Plan
+from ..layout._regions import RegionSet
 
 __all__ = ["DescriptorTable", "RankTables", "RankIndices", "IndexedBatch", "prepare_tables",
            "index_batch"]
@@ -69,7 +69,7 @@ class DescriptorTable:
     row_start: np.ndarray
 
     @property
-    def n_descriptors(self) -> int:
+    def num_descriptors(self) -> int:
         return int(self.rows[:, 4].sum())
 
     @property
@@ -101,7 +101,7 @@ class RankTables:
         src_regions, dst_regions: the memory the tables describe.
         src_table, dst_table: the remote (src) and local (dst) descriptors; row `r` of
             one pairs with row `r` of the other and has the same `nbytes`.
-        n_plan_reads: the plan's reads from `src_rank` per page, before merging.
+        num_plan_reads: the plan's reads from `src_rank` per page, before merging.
     """
 
     plan: Plan
@@ -110,7 +110,7 @@ class RankTables:
     dst_regions: RegionSet
     src_table: DescriptorTable
     dst_table: DescriptorTable
-    n_plan_reads: int
+    num_plan_reads: int
 
     @property
     def page_nbytes(self) -> int:
@@ -119,15 +119,15 @@ class RankTables:
         return int(self.src_table.rows[:k, 1].sum()) if k else 0
 
 
-def _table(regions: RegionSet, n_layers: int, offsets: np.ndarray, lengths: np.ndarray) -> DescriptorTable:
+def _table(regions: RegionSet, num_layers: int, offsets: np.ndarray, lengths: np.ndarray) -> DescriptorTable:
     cols = regions.columns()
     k = offsets.size
-    count = np.repeat(cols["num_blocks"][:n_layers], k)
-    stride = np.repeat(cols["page_stride_nbytes"][:n_layers], k)
-    rows = np.empty((n_layers * k, 5), dtype=_U64)
-    rows[:, 0] = (cols["base_addr"][:n_layers, None] + offsets[None, :]).ravel()
-    rows[:, 1] = np.tile(lengths, n_layers)
-    rows[:, 2] = np.repeat(cols["device_id"][:n_layers], k)
+    count = np.repeat(cols["num_blocks"][:num_layers], k)
+    stride = np.repeat(cols["page_stride_nbytes"][:num_layers], k)
+    rows = np.empty((num_layers * k, 5), dtype=_U64)
+    rows[:, 0] = (cols["base_addr"][:num_layers, None] + offsets[None, :]).ravel()
+    rows[:, 1] = np.tile(lengths, num_layers)
+    rows[:, 2] = np.repeat(cols["device_id"][:num_layers], k)
     rows[:, 3] = np.where(count > 1, stride, rows[:, 1])  # one block: no stride to speak of
     rows[:, 4] = count
     total = int(count.sum())
@@ -135,7 +135,7 @@ def _table(regions: RegionSet, n_layers: int, offsets: np.ndarray, lengths: np.n
         raise PlanError(f"The prepared table would hold {total} descriptors, more than NIXL's "
                         f"int32 indices reach ({MAX_DESCRIPTORS}). Use per-batch lists "
                         f"(Reader(..., prepare=\"per-batch\")) or fewer blocks per region.")
-    start = np.concatenate([[0], np.cumsum(count.astype(np.int64))[:-1]]).reshape(n_layers, k)
+    start = np.concatenate([[0], np.cumsum(count.astype(np.int64))[:-1]]).reshape(num_layers, k)
     return DescriptorTable(_read_only(rows), _read_only(start))
 
 
@@ -169,14 +169,14 @@ def prepare_tables(plan: Plan, src_rank: int, src_regions: RegionSet,
     for name, regions in (("src_regions", src_regions), ("dst_regions", dst_regions)):
         if not isinstance(regions, RegionSet):
             raise PlanError(f"{name} must be a RegionSet, got {type(regions).__name__}.")
-    n_layers = min(src_regions.num_layers, dst_regions.num_layers)
-    layer_ids = np.arange(n_layers, dtype=np.int64)
+    num_layers = min(src_regions.num_layers, dst_regions.num_layers)
+    layer_ids = np.arange(num_layers, dtype=np.int64)
     check_pages("dst", dst_regions, layer_ids, plan.dst_content_nbytes)
     check_pages(f"src rank {src_rank}", src_regions, layer_ids, plan.src_content_nbytes)
     src_off, dst_off, lengths = merged_reads(plan, src_rank)
-    src_table = _table(src_regions, n_layers, src_off, lengths)
-    dst_table = _table(dst_regions, n_layers, dst_off, lengths)
-    num_blocks = dst_regions.columns()["num_blocks"][:n_layers].astype(np.int64)
+    src_table = _table(src_regions, num_layers, src_off, lengths)
+    dst_table = _table(dst_regions, num_layers, dst_off, lengths)
+    num_blocks = dst_regions.columns()["num_blocks"][:num_layers].astype(np.int64)
     first_block = np.repeat(np.cumsum(num_blocks) - num_blocks, num_blocks)
     check_dst_overlap(dst_regions, np.repeat(layer_ids, num_blocks),
                       np.arange(int(num_blocks.sum()), dtype=np.int64) - first_block)
@@ -193,16 +193,16 @@ class RankIndices:
         dst_indices, src_indices: shape `(M,)` int32, pairwise: descriptor
             `dst_indices[i]` of the dst table receives descriptor `src_indices[i]` of the
             src table; ordered by (layer, read, ascending dst block); read-only.
-        n_reads: plan reads x layers x requests, before merging.
-        n_descriptors: descriptors once NIXL merged consecutive dense indices.
+        num_reads: plan reads x layers x requests, before merging.
+        num_descriptors: descriptors once NIXL merged consecutive dense indices.
         nbytes: bytes moved.
     """
 
     src_rank: int
     dst_indices: np.ndarray
     src_indices: np.ndarray
-    n_reads: int
-    n_descriptors: int
+    num_reads: int
+    num_descriptors: int
     nbytes: int
 
 
@@ -248,7 +248,7 @@ def index_batch(tables: Sequence[RankTables], block_pairs: object, *,
                         f"for it (given: {sorted(by_rank)}). Prepare tables for every src rank.")
     src_map = {r: by_rank[r].src_regions for r in plan.src_ranks}
     pairs, layer_ids = check_batch(plan, src_map, dst_regions, block_pairs, layers)
-    n_pages = layer_ids.size * pairs.shape[0]
+    num_pages = layer_ids.size * pairs.shape[0]
     # consecutive on both sides: NIXL merges such neighbours inside a dense row
     follows = (pairs[1:, 0] == pairs[:-1, 0] + 1) & (pairs[1:, 1] == pairs[:-1, 1] + 1)
     ranks = []
@@ -259,6 +259,6 @@ def index_batch(tables: Sequence[RankTables], block_pairs: object, *,
         merged = int(dense.sum()) * int(follows.sum())
         ranks.append(RankIndices(src_rank, _indices(t.dst_table, layer_ids, pairs[:, 1]),
                                  _indices(t.src_table, layer_ids, pairs[:, 0]),
-                                 t.n_plan_reads * n_pages, k * n_pages - merged,
-                                 t.page_nbytes * n_pages))
+                                 t.num_plan_reads * num_pages, k * num_pages - merged,
+                                 t.page_nbytes * num_pages))
     return IndexedBatch(plan, pairs, layer_ids, tuple(ranks))

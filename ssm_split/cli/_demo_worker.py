@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .._expand import RegionSet
-from .._spec import Spec
+from ..layout._regions import RegionSet
+from ..specs._spec import Spec
 
 SRC_FILL = 0x5A
 """Src bytes outside moved content (other blocks, padding)."""
@@ -35,7 +35,7 @@ class DemoConfig:
     spec: Spec
     src_tp: int
     dst_tp: int
-    n_layers: int
+    num_layers: int
     pairs: tuple[tuple[int, int], ...]
     num_blocks: int
     src_page_nbytes: int
@@ -63,10 +63,10 @@ def _pages(cfg: DemoConfig, tp: int, rank: int, page_nbytes: int, fill: int) -> 
     """The memory of one rank: every layer's pages, with the batch's pages filled."""
     from ..reference import random_state, shard
 
-    memory = np.full(cfg.n_layers * cfg.num_blocks * page_nbytes, fill, dtype=np.uint8)
+    memory = np.full(cfg.num_layers * cfg.num_blocks * page_nbytes, fill, dtype=np.uint8)
     regions = _regions(cfg, 0, page_nbytes)
     side = 0 if fill == SRC_FILL else 1
-    for layer in range(cfg.n_layers):
+    for layer in range(cfg.num_layers):
         for request, pair in enumerate(cfg.pairs):
             state = random_state(cfg.spec, cfg.state_seed(layer, request))
             page = shard(cfg.spec, state, tp, page_nbytes=page_nbytes, pad_byte=fill)[rank]
@@ -76,7 +76,7 @@ def _pages(cfg: DemoConfig, tp: int, rank: int, page_nbytes: int, fill: int) -> 
 
 
 def _regions(cfg: DemoConfig, base_addr: int, page_nbytes: int) -> RegionSet:
-    return RegionSet.packed(base_addr, num_layers=cfg.n_layers, num_blocks=cfg.num_blocks,
+    return RegionSet.packed(base_addr, num_layers=cfg.num_layers, num_blocks=cfg.num_blocks,
                             page_nbytes=page_nbytes, order=cfg.layout)
 
 
@@ -107,8 +107,8 @@ def src_main(cfg: DemoConfig, rank: int, conn) -> None:
     _prepare_env(cfg.device)
 
     def body() -> None:
-        from .._plan import plan_all
-        from ._endpoint import Endpoint
+        from ..plan._plan import plan_all
+        from ..nixl_backend._endpoint import Endpoint
 
         memory = _to_device(_pages(cfg, cfg.src_tp, rank, cfg.src_page_nbytes, SRC_FILL), cfg.device)
         regions = _regions(cfg, _addr(memory), cfg.src_page_nbytes)
@@ -132,13 +132,13 @@ def _verify(cfg: DemoConfig, memory: Any, expected: np.ndarray) -> dict:
         import torch
 
         bad = torch.nonzero(memory != torch.from_numpy(expected).to(memory.device)).flatten().cpu().numpy()
-    result = {"pages": cfg.n_layers * len(cfg.pairs), "checked_nbytes": int(expected.size),
+    result = {"pages": cfg.num_layers * len(cfg.pairs), "checked_nbytes": int(expected.size),
               "mismatched_nbytes": int(bad.size)}
     if bad.size:
         slot, offset = divmod(int(bad[0]), cfg.dst_page_nbytes)
         layer, block = divmod(slot, cfg.num_blocks)
         if cfg.layout == "block":
-            block, layer = divmod(slot, cfg.n_layers)
+            block, layer = divmod(slot, cfg.num_layers)
         result["first_mismatch"] = f"layer {layer}, dst block {block}, byte {offset} of the page"
     return result
 
@@ -149,10 +149,10 @@ def dst_main(cfg: DemoConfig, rank: int, conn) -> None:
     _prepare_env(cfg.device)
 
     def body() -> None:
-        from ._endpoint import Endpoint
-        from ._reader import Reader
+        from ..nixl_backend._endpoint import Endpoint
+        from ..nixl_backend._reader import Reader
 
-        initial = np.full(cfg.n_layers * cfg.num_blocks * cfg.dst_page_nbytes, DST_FILL, np.uint8)
+        initial = np.full(cfg.num_layers * cfg.num_blocks * cfg.dst_page_nbytes, DST_FILL, np.uint8)
         memory = _to_device(initial, cfg.device)
         regions = _regions(cfg, _addr(memory), cfg.dst_page_nbytes)
         expected = _pages(cfg, cfg.dst_tp, rank, cfg.dst_page_nbytes, DST_FILL)
@@ -178,8 +178,8 @@ def dst_main(cfg: DemoConfig, rank: int, conn) -> None:
                     import torch
 
                     torch.cuda.synchronize()
-                for key, value in (("reads", stats.n_reads), ("descriptors", stats.n_descriptors),
-                                   ("nbytes", stats.nbytes), ("transfers", stats.n_transfers)):
+                for key, value in (("reads", stats.num_reads), ("descriptors", stats.num_descriptors),
+                                   ("nbytes", stats.nbytes), ("transfers", stats.num_transfers)):
                     totals[key] += value
                 conn.send(("progress", "dst", rank, (done, len(batches))))
             totals["elapsed_s"] = time.perf_counter() - started

@@ -33,10 +33,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ._errors import BlockRangeError, PlanError
-from ._expand import RegionSet
-from ._layout import page_layout
-from ._plan import Plan
+from ..errors import BlockRangeError, PlanError
+from ..layout._regions import RegionSet
+from ..layout._layout import page_layout
+from ..plan._plan import Plan
 
 __all__ = [
     "DIGEST_ALGORITHM",

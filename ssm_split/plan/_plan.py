@@ -28,9 +28,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ._errors import PlanError
-from ._layout import PageLayout, _check_tp_rank, page_layout
-from ._spec import Part, Spec, check_is_spec, check_transferable
+from ..errors import PlanError
+from ..layout._layout import PageLayout, _check_tp_rank, page_layout
+from ..specs._spec import Part, Spec, check_is_spec, check_transferable
+from ._format import format_plan
 
 __all__ = ["Read", "Plan", "plan_reads", "plan_all"]
 
@@ -110,19 +111,17 @@ class Plan:
 
     def format_table(self) -> str:
         """The reads as a text table, with the dst segments each one fills."""
-        from ._render import format_plan
-
         return format_plan(self)
 
 
 def _src_runs(part: Part, src_tp: int, start: int, stop: int, primary: frozenset[int]):
     """Yield `(src_rank, u0, u1)` runs covering the dst units `[start, stop)` of `part`."""
-    if part.n_units % src_tp == 0:  # sharded on src: intersect intervals
-        per_rank = part.n_units // src_tp
+    if part.num_units % src_tp == 0:  # sharded on src: intersect intervals
+        per_rank = part.num_units // src_tp
         for src_rank in range(start // per_rank, (stop - 1) // per_rank + 1):
             yield src_rank, max(start, src_rank * per_rank), min(stop, (src_rank + 1) * per_rank)
         return
-    copies = src_tp // part.n_units  # replicated on src: one replica per unit
+    copies = src_tp // part.num_units  # replicated on src: one replica per unit
     for unit in range(start, stop):
         replicas = range(unit * copies, (unit + 1) * copies)
         preferred = [r for r in replicas if r in primary]
@@ -160,7 +159,7 @@ def _plan_reads(spec: Spec, src_tp: int, dst_tp: int, dst_rank: int) -> Plan:
     dst = page_layout(spec, dst_tp, dst_rank)
     src_layouts = [page_layout(spec, src_tp, r) for r in range(src_tp)]
     runs = []
-    sharded = [p for p in spec.parts if p.n_units % src_tp == 0]
+    sharded = [p for p in spec.parts if p.num_units % src_tp == 0]
     primary: frozenset[int] = frozenset()
     for group in (sharded, [p for p in spec.parts if p not in sharded]):
         for part in group:

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable
 
-from ._errors import SpecError
+from ..errors import SpecError
 from ._spec import GDNSpec, LinearAttentionSpec, Mamba1Spec, Mamba2Spec, ShortConvSpec, Spec
 
 __all__ = ["ParsedConfig", "parse_hf_config", "from_hf_config", "MODEL_TYPES", "ARCHITECTURES"]
@@ -54,15 +54,15 @@ class ParsedConfig:
         spec: the per-layer state spec (identical for every state layer).
         model_type: the family key the config was read as (e.g. `"nemotron_h"`).
         layer_kind: the recurrent mixer, in words (`"Mamba2"`, `"KDA"`, ...).
-        n_state_layers: layers that carry this state (one page each per request).
-        n_layers: all decoder layers of the model.
+        num_state_layers: layers that carry this state (one page each per request).
+        num_layers: all decoder layers of the model.
     """
 
     spec: Spec
     model_type: str
     layer_kind: str
-    n_state_layers: int
-    n_layers: int
+    num_state_layers: int
+    num_layers: int
 
 
 class _Reader:
@@ -111,7 +111,7 @@ class _Reader:
             return name
         return default
 
-    def n_layers(self) -> int:
+    def num_layers(self) -> int:
         return self.integer("num_hidden_layers")
 
     def count_listed(self, key: str, wanted: Callable[[object], bool]) -> int | None:
@@ -119,10 +119,10 @@ class _Reader:
         values = self.sequence(key)
         if values is None:
             return None
-        n_layers = self.get("num_hidden_layers")
-        if n_layers is not None and len(values) != n_layers:
+        num_layers = self.get("num_hidden_layers")
+        if num_layers is not None and len(values) != num_layers:
             raise self.error(
-                f"`{key}` lists {len(values)} layers but `num_hidden_layers` is {n_layers}; "
+                f"`{key}` lists {len(values)} layers but `num_hidden_layers` is {num_layers}; "
                 f"the two must agree.")
         return sum(1 for v in values if wanted(v))
 
@@ -131,10 +131,10 @@ class _Reader:
         indices = self.sequence(key)
         if indices is None:
             return None
-        n_layers = self.n_layers()
-        if any(not isinstance(i, int) or not 0 <= i < n_layers for i in indices):
-            raise self.error(f"`{key}` must hold layer indices in [0, {n_layers}), got {list(indices)}.")
-        return n_layers - len(set(indices))
+        num_layers = self.num_layers()
+        if any(not isinstance(i, int) or not 0 <= i < num_layers for i in indices):
+            raise self.error(f"`{key}` must hold layer indices in [0, {num_layers}), got {list(indices)}.")
+        return num_layers - len(set(indices))
 
     def no_layer_info(self, keys: str) -> SpecError:
         return self.error(f"cannot tell which layers are recurrent: none of {keys} is set.")
@@ -152,7 +152,7 @@ def _gdn(r: _Reader) -> tuple[Spec, str, int]:
         if interval is None:
             raise r.no_layer_info("`layer_types`, `full_attention_interval`")
         interval = r.integer("full_attention_interval")
-        count = sum(1 for i in range(r.n_layers()) if (i + 1) % interval)
+        count = sum(1 for i in range(r.num_layers()) if (i + 1) % interval)
     return spec, "Gated DeltaNet", count
 
 
@@ -171,7 +171,7 @@ def _kda(r: _Reader) -> tuple[Spec, str, int]:
         full = sub.sequence("full_attn_layers")
         if full is None:
             raise r.no_layer_info("`linear_attn_config.kda_layers`, `.full_attn_layers`")
-        count = r.n_layers() - len(set(full))
+        count = r.num_layers() - len(set(full))
     return spec, "KDA", count
 
 
@@ -187,7 +187,7 @@ def _mamba2_spec(r: _Reader, heads: str, head_dim: str, groups: str, state: str,
     if d_ssm and r.get(d_ssm) is not None and r.integer(d_ssm) != num_heads * dim:
         raise r.error(f"`{d_ssm}`={r.get(d_ssm)} is not `{heads}` * `{head_dim}` = "
                       f"{num_heads} * {dim}; the config is inconsistent.")
-    return Mamba2Spec(num_heads=num_heads, head_dim=dim, n_groups=r.integer(groups, 1),
+    return Mamba2Spec(num_heads=num_heads, head_dim=dim, num_groups=r.integer(groups, 1),
                       state_size=r.integer(state), conv_kernel=r.integer(kernel, 4),
                       ssm_dtype=r.ssm_dtype("float32"))
 
@@ -197,9 +197,9 @@ def _nemotron_h(r: _Reader) -> tuple[Spec, str, int]:
                         "conv_kernel")
     pattern = r.get("hybrid_override_pattern")
     if isinstance(pattern, str):
-        if r.get("num_hidden_layers") is not None and len(pattern) != r.n_layers():
+        if r.get("num_hidden_layers") is not None and len(pattern) != r.num_layers():
             raise r.error(f"`hybrid_override_pattern` has {len(pattern)} layers but "
-                          f"`num_hidden_layers` is {r.n_layers()}.")
+                          f"`num_hidden_layers` is {r.num_layers()}.")
         return spec, "Mamba2", pattern.count("M")
     count = r.count_listed("layers_block_type", lambda t: t == "mamba")
     if count is None:
@@ -210,7 +210,7 @@ def _nemotron_h(r: _Reader) -> tuple[Spec, str, int]:
 def _falcon_h1(r: _Reader) -> tuple[Spec, str, int]:
     spec = _mamba2_spec(r, "mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state",
                         "mamba_d_conv", d_ssm="mamba_d_ssm")
-    return spec, "Mamba2 (parallel hybrid)", r.n_layers()  # every layer has a Mamba2 mixer
+    return spec, "Mamba2 (parallel hybrid)", r.num_layers()  # every layer has a Mamba2 mixer
 
 
 def _granite(r: _Reader) -> tuple[Spec, str, int]:
@@ -228,12 +228,12 @@ def _bamba(r: _Reader) -> tuple[Spec, str, int]:
     spec = _mamba2_spec(r, "mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state",
                         "mamba_d_conv")
     count = r.count_not_in("attn_layer_indices")
-    return spec, "Mamba2", r.n_layers() if count is None else count
+    return spec, "Mamba2", r.num_layers() if count is None else count
 
 
 def _hf_mamba2(r: _Reader) -> tuple[Spec, str, int]:
     spec = _mamba2_spec(r, "num_heads", "head_dim", "n_groups", "state_size", "conv_kernel")
-    return spec, "Mamba2", r.n_layers()
+    return spec, "Mamba2", r.num_layers()
 
 
 def _mamba_ssm(r: _Reader) -> tuple[Spec, str, int]:
@@ -251,7 +251,7 @@ def _mamba_ssm(r: _Reader) -> tuple[Spec, str, int]:
         if inner % head_dim:
             raise r.error(f"the Mamba2 width {inner} is not a multiple of headdim {head_dim}.")
         spec: Spec = Mamba2Spec(num_heads=inner // head_dim, head_dim=head_dim,
-                                n_groups=sub.integer("ngroups", 1), state_size=sub.integer("d_state", 128),
+                                num_groups=sub.integer("ngroups", 1), state_size=sub.integer("d_state", 128),
                                 conv_kernel=sub.integer("d_conv", 4), ssm_dtype=r.ssm_dtype("float32"))
         return spec, "Mamba2", count
     if layer == "Mamba1":
@@ -269,14 +269,14 @@ def _jamba(r: _Reader) -> tuple[Spec, str, int]:
     if count is None:
         period = r.integer("attn_layer_period")
         offset = r.integer("attn_layer_offset", minimum=0)
-        count = sum(1 for i in range(r.n_layers()) if i % period != offset)
+        count = sum(1 for i in range(r.num_layers()) if i % period != offset)
     return spec, "Mamba1", count
 
 
 def _hf_mamba(r: _Reader) -> tuple[Spec, str, int]:
     spec = Mamba1Spec(intermediate_size=r.integer("intermediate_size"), state_size=r.integer("state_size"),
                       conv_kernel=r.integer("conv_kernel", 4), ssm_dtype=r.ssm_dtype("bfloat16"))
-    return spec, "Mamba1", r.n_layers()
+    return spec, "Mamba1", r.num_layers()
 
 
 def _lfm2(r: _Reader) -> tuple[Spec, str, int]:
@@ -356,7 +356,7 @@ def _decide_model_type(config: Mapping) -> str:
         f"Unsupported architecture {seen or 'unknown (no model_type or architectures)'}: "
         f"ssm_split reads model_type {list(MODEL_TYPES)} and architectures "
         f"{sorted(ARCHITECTURES)}. For anything else build a spec directly, e.g. "
-        f"`Mamba2Spec(num_heads=..., head_dim=..., n_groups=..., state_size=...)`."
+        f"`Mamba2Spec(num_heads=..., head_dim=..., num_groups=..., state_size=...)`."
     )
 
 
@@ -372,19 +372,19 @@ def parse_hf_config(config: Mapping) -> ParsedConfig:
                         f"got {type(config).__name__}.")
     model_type = _decide_model_type(config)
     reader = _Reader(config, model_type)
-    spec, kind, n_state = _PARSERS[model_type](reader)
-    n_layers = reader.integer("n_layer") if model_type == "mamba_ssm" else reader.n_layers()
-    if n_state < 1:
-        raise reader.error(f"no layer carries {kind} state (all {n_layers} layers are attention "
+    spec, kind, num_state = _PARSERS[model_type](reader)
+    num_layers = reader.integer("n_layer") if model_type == "mamba_ssm" else reader.num_layers()
+    if num_state < 1:
+        raise reader.error(f"no layer carries {kind} state (all {num_layers} layers are attention "
                            f"or MLP), so there is nothing to transfer.")
-    return ParsedConfig(spec, model_type, kind, n_state, n_layers)
+    return ParsedConfig(spec, model_type, kind, num_state, num_layers)
 
 
 def from_hf_config(config: Mapping) -> Spec:
     """The per-layer state spec described by a Hugging Face `config.json` mapping.
 
     Example: `from_hf_config(json.load(open("config.json")))` on Nemotron-H-8B gives
-    `Mamba2Spec(num_heads=128, head_dim=64, n_groups=8, state_size=128, ...)`.
+    `Mamba2Spec(num_heads=128, head_dim=64, num_groups=8, state_size=128, ...)`.
 
     Raises:
         SpecError: see `parse_hf_config`.

@@ -18,29 +18,30 @@ import time
 import numpy as np
 
 from .. import reference
-from .._cost import CostModel, baseline_plan
-from .._expand import RegionSet
-from .._plan import plan_reads
-from .._stacked import stack_layers, stack_pages, stacked_plan
-from .._staging import stage_plan
+from ..strategies._cost import CostModel
+from ..strategies._baseline import baseline_plan
+from ..layout._regions import RegionSet
+from ..plan._plan import plan_reads
+from ..strategies._stacked import stack_layers, stack_pages, stacked_plan
+from ..strategies._staging import stage_plan
 
 POISON = 0x5A5A
 
 
-def page_keys(n_layers: int, num_blocks: int) -> np.ndarray:
-    """Shape `(n_layers, num_blocks)` uint16 keys, never 0 and distinct across pages."""
-    layer = np.arange(n_layers, dtype=np.int64)[:, None]
+def page_keys(num_layers: int, num_blocks: int) -> np.ndarray:
+    """Shape `(num_layers, num_blocks)` uint16 keys, never 0 and distinct across pages."""
+    layer = np.arange(num_layers, dtype=np.int64)[:, None]
     block = np.arange(num_blocks, dtype=np.int64)[None, :]
     return ((layer * 40503 + block * 9973 + 12345) % 65521 + 1).astype(np.uint16)
 
 
-def template_pages(spec, tp: int, n_layers: int, layout: str, seed: int) -> list[np.ndarray]:
+def template_pages(spec, tp: int, num_layers: int, layout: str, seed: int) -> list[np.ndarray]:
     """Per rank, the content bytes of one page (per-layer) or one stacked page."""
     if layout == "stacked":
-        states = [reference.random_state(spec, seed + layer) for layer in range(n_layers)]
-        stacked = stack_layers(spec, n_layers)
+        states = [reference.random_state(spec, seed + layer) for layer in range(num_layers)]
+        stacked = stack_layers(spec, num_layers)
         shards = [reference.shard(spec, s, tp) for s in states]
-        return [stack_pages(stacked, [shards[layer][rank] for layer in range(n_layers)], tp, rank)
+        return [stack_pages(stacked, [shards[layer][rank] for layer in range(num_layers)], tp, rank)
                 for rank in range(tp)]
     return reference.shard(spec, reference.random_state(spec, seed), tp)
 
@@ -132,14 +133,14 @@ class Memory:
 
     def gather_table(self, src, dst, nbytes, anchor):
         if self.cuda:
-            from ._gather import GatherTable
+            from ..nixl_backend._gather import GatherTable
 
             return GatherTable.build(src, dst, nbytes, anchor=anchor)
         return (np.asarray(src, np.int64), np.asarray(dst, np.int64), np.asarray(nbytes, np.int64))
 
     def gather(self, table) -> None:
         if self.cuda:
-            from ._gather import run_gather
+            from ..nixl_backend._gather import run_gather
 
             run_gather(table)
             return
@@ -201,6 +202,6 @@ def plan_for(name: str, cfg: dict, dst_rank: int, model: CostModel | None):
     return plan
 
 
-def n_regions(cfg: dict) -> int:
+def num_regions(cfg: dict) -> int:
     """Layers as the transfer sees them: one stacked region, or every layer."""
     return 1 if cfg["layout"] == "stacked" else cfg["layers"]

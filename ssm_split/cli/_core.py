@@ -16,12 +16,13 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ._errors import SpecError
-from ._layout import page_layout
-from ._plan import plan_all, plan_reads
-from ._presets import ModelInfo, model_info_from_hf_config, models, preset_info
-from ._render import format_bytes, format_layout, format_table
-from ._spec import Spec
+from ..errors import SpecError
+from ..layout._layout import page_layout
+from ..plan._plan import plan_all, plan_reads
+from ..specs._presets import ModelInfo, model_info_from_hf_config, models, preset_info
+from .._text import format_bytes, format_table
+from ..layout._format import format_layout
+from ..specs._spec import Spec
 
 __all__ = ["COMMANDS", "resolve_model"]
 
@@ -68,7 +69,7 @@ def _spec(info: ModelInfo, args: argparse.Namespace) -> Spec:
 
 def _header(info: ModelInfo, spec: Spec) -> str:
     hf = f" ({info.hf_id})" if info.hf_id and info.hf_id != info.name else ""
-    return (f"{info.name}{hf}: {info.layer_kind}, {info.n_state_layers} of {info.n_layers} "
+    return (f"{info.name}{hf}: {info.layer_kind}, {info.num_state_layers} of {info.num_layers} "
             f"layers carry state\n{spec!r}")
 
 
@@ -86,11 +87,11 @@ def _run_models(args: argparse.Namespace) -> int:
         try:
             layout = page_layout(info.spec, args.tp, 0)
         except SpecError:  # cannot be sharded on this TP
-            rows.append((name, info.family, info.hf_id, info.n_state_layers, "-", "-", "-", "-"))
+            rows.append((name, info.family, info.hf_id, info.num_state_layers, "-", "-", "-", "-"))
             continue
         total = layout.content_nbytes
-        rows.append((name, info.family, info.hf_id, info.n_state_layers, layout.conv_nbytes,
-                     layout.temporal_nbytes, total, format_bytes(total * info.n_state_layers)))
+        rows.append((name, info.family, info.hf_id, info.num_state_layers, layout.conv_nbytes,
+                     layout.temporal_nbytes, total, format_bytes(total * info.num_state_layers)))
     print(format_table(("preset", "family", "hf id", "layers", "conv B", "temporal B",
                         "total B", "per request"), rows))
     note = (f" '-': the model cannot be sharded on tp={args.tp}."
@@ -148,12 +149,12 @@ def _run_plan(args: argparse.Namespace) -> int:
             print(plan.format_table())
     rows = [(p.dst_rank, len(p.reads), p.nbytes, p.dst_content_nbytes,
              " ".join(map(str, p.src_ranks))) for p in plans]
-    n_reads, n_bytes = sum(len(p.reads) for p in plans), sum(p.nbytes for p in plans)
+    num_reads, nbytes_total = sum(len(p.reads) for p in plans), sum(p.nbytes for p in plans)
     print(f"\nsummary, src tp={args.src_tp} -> dst tp={args.dst_tp}, per layer:")
     print(format_table(("dst rank", "reads", "bytes", "dst content B", "src ranks"), rows))
-    print(f"{n_reads} reads, {n_bytes} B per layer; x {info.n_state_layers} layers = "
-          f"{n_reads * info.n_state_layers} reads, "
-          f"{format_bytes(n_bytes * info.n_state_layers)} per request")
+    print(f"{num_reads} reads, {nbytes_total} B per layer; x {info.num_state_layers} layers = "
+          f"{num_reads * info.num_state_layers} reads, "
+          f"{format_bytes(nbytes_total * info.num_state_layers)} per request")
     return 0
 
 

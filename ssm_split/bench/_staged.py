@@ -11,17 +11,18 @@ import time
 
 import numpy as np
 
-from .._cost import fit_cost_model
-from .._expand import RegionSet, expand_plan
+from ..strategies._cost import fit_cost_model
+from ..layout._regions import RegionSet
+from ..expand._expand import expand_plan
 
 
-def stage_waves(rank, plan, pairs: np.ndarray, prep, src_regions, dst_regions, n_layers: int,
+def stage_waves(rank, plan, pairs: np.ndarray, prep, src_regions, dst_regions, num_layers: int,
                 staging_cap: int) -> tuple[int, int, int]:
     """Append the READs (`prep.waves`) and gather tables (`prep.tables`) of a staged
     plan's spans, in waves that fit `staging_cap` bytes (two halves when it takes more
     than one wave). Returns `(descriptors, requests, staging bytes used)`."""
     slot = plan.slot_nbytes
-    per_pair = slot * n_layers
+    per_pair = slot * num_layers
     if per_pair * len(pairs) <= staging_cap:
         wave_pairs, halves = len(pairs), 1
     else:
@@ -33,12 +34,12 @@ def stage_waves(rank, plan, pairs: np.ndarray, prep, src_regions, dst_regions, n
     for w, start in enumerate(range(0, len(pairs), wave_pairs)):
         chunk = pairs[start:start + wave_pairs]
         at = base + (w % halves) * wave_pairs * per_pair
-        stage_regions = RegionSet.packed(at, num_layers=n_layers, num_blocks=len(chunk), page_nbytes=slot,
+        stage_regions = RegionSet.packed(at, num_layers=num_layers, num_blocks=len(chunk), page_nbytes=slot,
                                          device_id=mem.dev_id)
         slots = np.arange(len(chunk), dtype=np.int64)
         spans = expand_plan(plan.spans_plan(), src_regions, stage_regions, np.stack([chunk[:, 0], slots], axis=1))
         prep.waves.append([rank.prep_lists(r) for r in spans.ranks])
-        descriptors += spans.n_descriptors
+        descriptors += spans.num_descriptors
         requests += len(spans.ranks)
         moves = expand_plan(plan.moves_plan(), [stage_regions], dst_regions, np.stack([slots, chunk[:, 1]], axis=1))
         rd = moves.ranks[0]
@@ -52,11 +53,11 @@ def stage_waves(rank, plan, pairs: np.ndarray, prep, src_regions, dst_regions, n
 class _Descriptors:
     """The shape `Rank.prep_lists` takes: one src rank's `(M, 3)` arrays."""
 
-    __slots__ = ("src_rank", "dst_descs", "src_descs", "n_descriptors")
+    __slots__ = ("src_rank", "dst_descs", "src_descs", "num_descriptors")
 
     def __init__(self, src_rank: int, dst_descs: np.ndarray, src_descs: np.ndarray):
         self.src_rank, self.dst_descs, self.src_descs = src_rank, dst_descs, src_descs
-        self.n_descriptors = len(dst_descs)
+        self.num_descriptors = len(dst_descs)
 
 
 _SAMPLES = ((512, 4096), (2048, 4096), (512, 256 << 10), (2048, 256 << 10),
@@ -71,14 +72,14 @@ def calibrate(rank, threads: int) -> dict:
     rank.use_threads(threads)
     cfg, mem = rank.cfg, rank.mem
     src_addrs, src_dev = rank.src_info[0][1], rank.src_info[0][2]
-    n_regions = len(rank.addrs)
-    pages = n_regions * cfg["num_blocks"]
+    num_regions = len(rank.addrs)
+    pages = num_regions * cfg["num_blocks"]
     largest = min(cfg["src_page_nbytes"], cfg["dst_page_nbytes"])
     samples = []
     for count, size in _SAMPLES:
         count, size = min(count, pages), min(size, largest)
         i = np.arange(count, dtype=np.int64)
-        layer, block = i % n_regions, i // n_regions
+        layer, block = i % num_regions, i // num_regions
         src = np.zeros((count, 3), np.uint64)
         dst = np.zeros((count, 3), np.uint64)
         src[:, 0] = np.asarray(src_addrs, np.uint64)[layer] + (block * cfg["src_page_nbytes"]).astype(np.uint64)

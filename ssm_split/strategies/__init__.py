@@ -1,0 +1,61 @@
+"""Stage 3b — transfer strategies built on plans (pure, like the plans themselves).
+
+- staged (`stage_plan`, `StagedPlan`): superset spans READ into a staging slot, then a
+  gather on the dst; packed (`pack_plan`, `PackedPlan`): the src packs what each dst
+  rank needs, the dst READs a few large spans and scatters;
+- the stacked layout (`stack_layers`, `stacked_plan`, `layer_view`, ...): one region per
+  block holding every layer unit-major, for engines that can choose their layout;
+- the cost model (`CostModel`, `fit_cost_model`, `choose_groups`) that picks groups;
+- `baseline_reads` / `baseline_plan`: vLLM's descriptor pattern, as a yardstick for
+  benchmarks (wrong for replicated groups and key heads, as vLLM is).
+"""
+
+from ._staging import Span as Span
+from ._staging import Move as Move
+from ._staging import StagedPlan as StagedPlan
+from ._staging import stage_plan as stage_plan
+from ._staging import apply_staged as apply_staged
+from ._staging import PackedPlan as PackedPlan
+from ._staging import pack_plan as pack_plan
+from ._staging import apply_packed as apply_packed
+from ._staging import SLOT_ALIGN_NBYTES as SLOT_ALIGN_NBYTES
+from ._stacked import StackedSpec as StackedSpec
+from ._stacked import stack_layers as stack_layers
+from ._stacked import stacked_layout as stacked_layout
+from ._stacked import stacked_plan as stacked_plan
+from ._stacked import stack_pages as stack_pages
+from ._stacked import unstack_page as unstack_page
+from ._stacked import PartView as PartView
+from ._stacked import layer_view as layer_view
+from ._cost import CostModel as CostModel
+from ._cost import DEFAULT_COST_MODEL as DEFAULT_COST_MODEL
+from ._cost import fit_cost_model as fit_cost_model
+from ._cost import choose_groups as choose_groups
+from ._baseline import baseline_reads as baseline_reads
+from ._baseline import baseline_plan as baseline_plan
+
+__all__ = [
+    "Span",
+    "Move",
+    "StagedPlan",
+    "stage_plan",
+    "apply_staged",
+    "PackedPlan",
+    "pack_plan",
+    "apply_packed",
+    "SLOT_ALIGN_NBYTES",
+    "StackedSpec",
+    "stack_layers",
+    "stacked_layout",
+    "stacked_plan",
+    "stack_pages",
+    "unstack_page",
+    "PartView",
+    "layer_view",
+    "CostModel",
+    "DEFAULT_COST_MODEL",
+    "fit_cost_model",
+    "choose_groups",
+    "baseline_reads",
+    "baseline_plan",
+]
