@@ -85,7 +85,7 @@ class IntegrityError(TransferError):
     """Bytes arrived that differ from the src's digest of them (integrity mode).
 
     Attributes:
-        corruptions: the first corrupted bytes found (`ssm_split.Corruption`), each with
+        corruptions: the first corrupted bytes found (`ssm_split.integrity.Corruption`), each with
             its request, layer, segment and offset.
     """
 

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from .. import reference
-from ..strategies._cost import CostModel
+from ..strategies._cost import DEFAULT_COST_MODEL, CostModel
 from ..strategies._baseline import baseline_plan
 from ..layout._regions import RegionSet
 from ..plan._plan import plan_reads
@@ -198,7 +198,7 @@ def plan_for(name: str, cfg: dict, dst_rank: int, model: CostModel | None):
     else:
         plan = plan_reads(spec, src_tp, dst_tp, dst_rank)
     if name == "staged":
-        return stage_plan(plan, model=model)
+        return stage_plan(plan, model=model if model is not None else DEFAULT_COST_MODEL)
     return plan
 
 

@@ -5,7 +5,7 @@ wave w+1 while the dst ranks fetch and scatter wave w.
 
 The coordinator half (`run_packed`) drives the rank halves (`pack_prepare`, `pack_run`
 on src ranks; `prepare_packed`, `run_wave` on dst ranks), which take the `Rank`
-(`_bench_rank.py`) they run in.
+(`bench/_rank.py`) they run in.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """One rank of `ssm-split bench`: a process that owns state memory and, on the dst side,
 executes strategies as NIXL READs, verifies and times them.
 
-The coordinator (`_bench.py`) talks to each rank over a pipe: `(command, args)` in, one
+The coordinator (`bench/_run.py`) talks to each rank over a pipe: `(command, args)` in, one
 reply out. This module holds the rank's set-up, agent, posting and waiting, and the
 direct strategies (`baseline`: vLLM's descriptor pattern; `ssm_split`: the expanded
-plan); `_bench_staged.py` and `_bench_packed.py` hold the other strategies, and
-`_bench_common.py` the memory and page contents.
+plan); `bench/_staged.py` and `bench/_packed.py` hold the other strategies, and
+`bench/_common.py` the memory and page contents.
 """
 
 from __future__ import annotations

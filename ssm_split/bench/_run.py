@@ -1,14 +1,14 @@
 """`ssm-split bench`: time transfer strategies on the same buffers, each verified first.
 
 For one preset model, layer count, (src_tp, dst_tp), layout and a list of batch sizes,
-it starts every src and dst rank as its own process (`_bench_rank.py`), fills the src
+it starts every src and dst rank as its own process (`bench/_rank.py`), fills the src
 pages, and for every batch (scattered block ids) measures:
 
 - `copy-limit`: a device-to-device copy of exactly the bytes the dst ranks need;
-- `baseline`: vLLM's descriptor pattern (`_cost.baseline_reads`), per-layer layout only;
+- `baseline`: vLLM's descriptor pattern (`ssm_split.strategies.baseline_reads`), per-layer layout only;
 - `ssm_split`: the plan, expanded and merged (`expand_plan`), one READ per src rank;
 - `staged`: spans into a bounded staging buffer plus one gather kernel, with groups chosen
-  by a cost model fitted in the same run (`_cost.fit_cost_model`, `_staging.stage_plan`).
+  by a cost model fitted in the same run (`ssm_split.strategies.fit_cost_model`, `ssm_split.strategies.stage_plan`).
 
 Every strategy is first run once on poisoned dst memory and checked byte for byte
 (content, padding, untouched blocks), then timed: warm-up runs, then the median of
@@ -61,10 +61,10 @@ def _align(n: int, to: int = 4096) -> int:
 
 
 def build_config(args) -> dict:
-    import ssm_split
+    from ..specs import preset_info
     from ..layout._layout import page_layout
 
-    info = ssm_split.preset_info(args.model)
+    info = preset_info(args.model)
     layers = args.layers or info.num_state_layers
     spec = info.spec
     stacked = args.layout == "stacked"

@@ -2,7 +2,7 @@
 buffer in waves, then one gather per wave moves them into the pages; and the timed READs
 that fit its cost model (`calibrate`).
 
-Functions take the `Rank` (`_bench_rank.py`) they run in.
+Functions take the `Rank` (`bench/_rank.py`) they run in.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=16, help="requests moved (default 16)")
     parser.add_argument("--layers", type=int, default=4, help="state layers per request (default 4)")
     parser.add_argument("--batch", type=int, default=64, help="requests per READ batch (default 64)")
-    parser.add_argument("--layout", choices=("layer", "block"), default="layer",
+    parser.add_argument("--order", choices=("layer", "block"), default="layer",
                         help="page order: layer-major like vLLM, or block-major (all layers of a "
                              "block together, lets reads merge across layers)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -80,7 +80,7 @@ def _config(args: argparse.Namespace) -> tuple[DemoConfig, Any]:
         pairs=tuple((int(s), int(d)) for s, d in pairs), num_blocks=num_blocks,
         src_page_nbytes=_round_up(src_content, _SRC_PAGE_ALIGN),
         dst_page_nbytes=_round_up(dst_content, _DST_PAGE_ALIGN),
-        layout=args.layout, device=args.device, seed=args.seed, batch=args.batch,
+        order=args.order, device=args.device, seed=args.seed, batch=args.batch,
         timeout_s=args.timeout)
     slots = cfg.num_layers * cfg.num_blocks
     total = slots * (cfg.src_tp * cfg.src_page_nbytes * 2 + cfg.dst_tp * cfg.dst_page_nbytes * 3)
@@ -178,7 +178,7 @@ def _summary(cfg: DemoConfig, info: Any, results: dict[int, dict], freed: dict[i
         f"ssm-split demo: {info.name} ({info.layer_kind}), src_tp {cfg.src_tp} -> dst_tp "
         f"{cfg.dst_tp}, {mem}, {cfg.src_tp + cfg.dst_tp} processes, NIXL over UCX",
         f"  {len(cfg.pairs)} requests x {cfg.num_layers} layers, scattered blocks of {cfg.num_blocks}, "
-        f"{cfg.layout}-major pages; src page {format_bytes(cfg.src_page_nbytes)} "
+        f"{cfg.order}-major pages; src page {format_bytes(cfg.src_page_nbytes)} "
         f"(content {format_bytes(page_layout(cfg.spec, cfg.src_tp, 0).content_nbytes)}), dst page "
         f"{format_bytes(cfg.dst_page_nbytes)} (content "
         f"{format_bytes(page_layout(cfg.spec, cfg.dst_tp, 0).content_nbytes)})",

@@ -40,7 +40,7 @@ class DemoConfig:
     num_blocks: int
     src_page_nbytes: int
     dst_page_nbytes: int
-    layout: str
+    order: str
     device: str
     seed: int
     batch: int
@@ -77,7 +77,7 @@ def _pages(cfg: DemoConfig, tp: int, rank: int, page_nbytes: int, fill: int) -> 
 
 def _regions(cfg: DemoConfig, base_addr: int, page_nbytes: int) -> RegionSet:
     return RegionSet.packed(base_addr, num_layers=cfg.num_layers, num_blocks=cfg.num_blocks,
-                            page_nbytes=page_nbytes, order=cfg.layout)
+                            page_nbytes=page_nbytes, order=cfg.order)
 
 
 def _to_device(memory: np.ndarray, device: str) -> Any:
@@ -137,7 +137,7 @@ def _verify(cfg: DemoConfig, memory: Any, expected: np.ndarray) -> dict:
     if bad.size:
         slot, offset = divmod(int(bad[0]), cfg.dst_page_nbytes)
         layer, block = divmod(slot, cfg.num_blocks)
-        if cfg.layout == "block":
+        if cfg.order == "block":
             block, layer = divmod(slot, cfg.num_layers)
         result["first_mismatch"] = f"layer {layer}, dst block {block}, byte {offset} of the page"
     return result

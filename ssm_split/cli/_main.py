@@ -25,7 +25,7 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("plan", "ssm_split.cli._core"),
     ("demo", "ssm_split.cli._demo"),
     ("bench", "ssm_split.bench._run"),
-    ("vllm-check", "ssm_split.integrations._vllm_check"),
+    ("vllm-check", "ssm_split.cli._vllm_check"),
 )
 
 

@@ -184,7 +184,7 @@ def _check_side(side: str, cols: dict[str, np.ndarray], layer_ids: np.ndarray,
 def check_batch(plan: Plan, src_regions: SrcRegions, dst_regions: RegionSet, block_pairs: object,
                 layers: object = None) -> tuple[np.ndarray, np.ndarray]:
     """Validate a batch for `plan` between these regions (shared by `expand_plan` and the
-    prepared-once path, `ssm_split._prepared`).
+    prepared-once path, `ssm_split.expand`).
 
     Returns:
         `(pairs, layer_ids)`: the pairs as a read-only `(N, 2)` int64 array sorted by dst

@@ -1,4 +1,4 @@
-"""`ssm-split vllm-check MODEL --src-tp P --dst-tp D`: vLLM's reads beside ssm_split's.
+"""vLLM's reads beside ssm_split's, judged byte for byte by the reference model.
 
 For every dst rank, both sets of reads are cut at the dst page's segment boundaries and
 at each other's read boundaries, so each row is one dst byte range with the src bytes
@@ -7,13 +7,11 @@ is decided by the reference model (`ssm_split.reference`): a random full state i
 sharded on the src TP size, both sets of reads are applied to those pages, and each row
 is compared with the dst page that sharding the same state on the dst TP size gives.
 
-vLLM is imported only when the command runs. Exit status: 0 when ssm_split's reads
-rebuild every dst page (whatever vLLM does), 1 otherwise.
+`ssm-split vllm-check` (`ssm_split.cli`) prints this comparison for every dst rank.
 """
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,7 +23,7 @@ from ..plan._plan import Read, plan_reads
 from .._text import format_table
 from ..specs._spec import Spec
 
-__all__ = ["COMMANDS", "Row", "RankCheck", "apply_reads", "check_rank", "format_rank"]
+__all__ = ["Row", "RankCheck", "apply_reads", "check_rank", "format_rank"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,65 +153,3 @@ def format_rank(spec: Spec, src_tp: int, check: RankCheck) -> str:
     ours_text = "ssm_split's page matches the reference" if check.ours_right else "ssm_split's page is WRONG"
     return (f"dst rank {check.dst_rank}: vLLM {len(check.vllm_reads)} reads, ssm_split "
             f"{len(check.our_reads)} reads\n{table}\n{vllm_text}; {ours_text}.")
-
-
-# -- the command --------------------------------------------------------------------------
-
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL",
-                        help="preset name (see `ssm-split models`), Hugging Face id of a preset, "
-                             "or path to a config.json")
-    parser.add_argument("--src-tp", type=int, required=True, help="TP size of the prefill (src) side")
-    parser.add_argument("--dst-tp", type=int, required=True, help="TP size of the decode (dst) side")
-    parser.add_argument("--rank", type=int, default=None, help="only this dst rank (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the reference state (default 0)")
-
-
-def _run(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from .. import reference
-    from ..cli._core import resolve_model
-    from ._vllm_reads import vllm_reads, vllm_version
-
-    info = resolve_model(args.model)
-    spec = info.spec
-    if getattr(spec, "conv_layout", "DS") != "DS":
-        spec = dataclasses.replace(spec, conv_layout="DS")
-    ranks = range(args.dst_tp) if args.rank is None else (args.rank,)
-    plans = [plan_reads(spec, args.src_tp, args.dst_tp, rank) for rank in ranks]  # validate first
-    print(f"{info.name}: {spec!r}\nsrc TP {args.src_tp} -> dst TP {args.dst_tp}, conv layout DS, "
-          f"vLLM {vllm_version()} (derive_mamba_conv_split + remote_conv_offsets); reference "
-          f"state seed {args.seed}")
-    try:
-        theirs = {rank: vllm_reads(spec, args.src_tp, args.dst_tp, rank) for rank in ranks}
-    except (PlanError, SpecError) as error:
-        print(f"\nvLLM refuses this transfer: {error}\nssm_split's plans:")
-        for plan in plans:
-            print()
-            print(plan.format_table())
-        return 0
-    state = reference.random_state(spec, args.seed)
-    src_content = plans[0].src_content_nbytes
-    overshoot = max((r.src_end for reads in theirs.values() for r in reads), default=0)
-    src_pages = reference.shard(spec, state, args.src_tp, page_nbytes=max(src_content, overshoot))
-    want = reference.shard(spec, state, args.dst_tp)
-    checks = [check_rank(spec, args.src_tp, args.dst_tp, rank, theirs[rank], src_pages, want[rank])
-              for rank in ranks]
-    for check in checks:
-        print()
-        print(format_rank(spec, args.src_tp, check))
-    bad_vllm = [c.dst_rank for c in checks if not c.vllm_right]
-    bad_ours = [c.dst_rank for c in checks if not c.ours_right]
-    print()
-    print(f"vLLM's reads give wrong pages on dst ranks {bad_vllm}." if bad_vllm
-          else "vLLM's reads give the reference pages on every dst rank checked.")
-    print(f"ssm_split's reads give wrong pages on dst ranks {bad_ours}." if bad_ours
-          else "ssm_split's reads give the reference pages on every dst rank checked.")
-    return 1 if bad_ours else 0
-
-
-COMMANDS = {
-    "vllm-check": ("compare vLLM's NIXL reads with ssm_split's, judged by the reference model",
-                   _add_arguments, _run),
-}

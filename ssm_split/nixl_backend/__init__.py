@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._endpoint import Endpoint as Endpoint
-    from ._endpoint import describe_memory as describe_memory
+    from ._memory import describe_memory as describe_memory
     from ._handshake import HANDSHAKE_VERSION as HANDSHAKE_VERSION
     from ._handshake import Handshake as Handshake
     from ._handshake import decode_handshake as decode_handshake
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "Endpoint": "._endpoint",
-    "describe_memory": "._endpoint",
+    "describe_memory": "._memory",
     "HANDSHAKE_VERSION": "._handshake",
     "Handshake": "._handshake",
     "decode_handshake": "._handshake",

@@ -22,14 +22,11 @@ owning thread at each (de)registration.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -39,73 +36,14 @@ from ..layout._regions import Buffer, RegionSet
 from ..layout._layout import page_layout
 from ..specs._spec import Spec, check_is_spec
 from ._handshake import Handshake
-from ._integrity import INTEGRITY_REQUEST, answer_integrity
+from ._integrity_src import INTEGRITY_REQUEST, answer_integrity
+from ._memory import MemoryInfo, describe_memory, write_bytes, zeros_like_memory
 from ._nixl import make_agent
+from ._notify import parse_notification
+from ._scratch import SCRATCH_NBYTES, encode_header
 from ._sidechannel import SideChannelServer
 
-__all__ = ["Endpoint", "MemoryInfo", "describe_memory", "NOTIF_PREFIX", "SCRATCH_MAGIC"]
-
-NOTIF_PREFIX = b"ssm-split/1 "
-"""Notifications from readers: this prefix, then a JSON list of request ids."""
-SCRATCH_MAGIC = b"SSMSPLIT"
-SCRATCH_NBYTES = 64
-"""Scratch: [0, 16) magic + generation (read by peers), [16, 32) where this endpoint
-lands its own warm-up reads."""
-
-
-@dataclass(frozen=True, slots=True)
-class MemoryInfo:
-    """Address, size in bytes, NIXL memory type and device of an array or tensor."""
-
-    addr: int
-    nbytes: int
-    mem_type: str
-    device_id: int
-
-
-def describe_memory(obj: Any) -> MemoryInfo:
-    """Where a C-contiguous numpy array or torch tensor lives.
-
-    Raises:
-        PlanError: not an array or tensor, or not contiguous.
-    """
-    if isinstance(obj, np.ndarray):
-        if not obj.flags.c_contiguous or obj.nbytes == 0:
-            raise PlanError("Memory arrays must be non-empty and C-contiguous (np.ascontiguousarray).")
-        return MemoryInfo(int(obj.ctypes.data), int(obj.nbytes), "DRAM", 0)
-    torch = sys.modules.get("torch")  # a tensor can only exist if torch was imported
-    if torch is not None and isinstance(obj, torch.Tensor):
-        if not obj.is_contiguous() or obj.numel() == 0:
-            raise PlanError("Memory tensors must be non-empty and contiguous (tensor.contiguous()).")
-        nbytes = obj.numel() * obj.element_size()
-        if obj.is_cuda:
-            return MemoryInfo(int(obj.data_ptr()), nbytes, "VRAM", int(obj.device.index or 0))
-        return MemoryInfo(int(obj.data_ptr()), nbytes, "DRAM", 0)
-    raise PlanError(f"Memory must be a numpy array or a torch tensor, got {type(obj).__name__}.")
-
-
-def _scratch_like(info: MemoryInfo) -> Any:
-    if info.mem_type == "DRAM":
-        return np.zeros(SCRATCH_NBYTES, dtype=np.uint8)
-    import torch
-
-    return torch.zeros(SCRATCH_NBYTES, dtype=torch.uint8, device=f"cuda:{info.device_id}")
-
-
-def _write_bytes(target: Any, offset: int, data: bytes) -> None:
-    if isinstance(target, np.ndarray):
-        target[offset: offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
-    else:
-        import torch
-
-        target[offset: offset + len(data)].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-
-
-def read_bytes(source: Any, offset: int, nbytes: int) -> bytes:
-    """Bytes `[offset, offset + nbytes)` of a numpy array or (CUDA) tensor of uint8."""
-    if isinstance(source, np.ndarray):
-        return source[offset: offset + nbytes].tobytes()
-    return source[offset: offset + nbytes].cpu().numpy().tobytes()
+__all__ = ["Endpoint", "VRAM_NUM_THREADS"]
 
 
 VRAM_NUM_THREADS = 4
@@ -160,7 +98,7 @@ class Endpoint:
         self.spec, self.tp, self.rank, self.regions = spec, tp, rank, regions
         self.name = name or f"ssm-split-tp{tp}-r{rank}-{uuid.uuid4().hex[:12]}"
         self._memory = list(memory)
-        self._scratch = _scratch_like(infos[0])
+        self._scratch = zeros_like_memory(infos[0].mem_type, infos[0].device_id, SCRATCH_NBYTES)
         scratch = describe_memory(self._scratch)
         self.scratch = Buffer(scratch.addr, scratch.nbytes, scratch.device_id)
         self.generation = 0
@@ -217,7 +155,7 @@ class Endpoint:
         odd while the pages are registered, even while they are not."""
         if self._pages_reg is None:
             return
-        _write_bytes(self._scratch, 0, SCRATCH_MAGIC + (self.generation + 1).to_bytes(8, "little"))
+        write_bytes(self._scratch, 0, encode_header(self.generation + 1))
         try:
             self.agent.deregister_memory(self._pages_reg)
         except Exception as error:
@@ -228,7 +166,7 @@ class Endpoint:
 
     def _bump_generation(self) -> None:
         self.generation += 1
-        _write_bytes(self._scratch, 0, SCRATCH_MAGIC + self.generation.to_bytes(8, "little"))
+        write_bytes(self._scratch, 0, encode_header(self.generation))
         # Snapshot here, on the caller's thread: the side channel's thread then serves
         # these bytes and never calls into the agent (NIXL agents are not thread-safe
         # without a listener thread).
@@ -249,8 +187,7 @@ class Endpoint:
 
     @property
     def scratch_memory(self) -> Any:
-        """The array or tensor behind `scratch`: `[0, 16)` magic + generation (read by
-        peers), `[16, 32)` where this endpoint lands its own warm-up reads."""
+        """The array or tensor behind `scratch` (its layout: `_scratch`)."""
         return self._scratch
 
     # --- handshake ----------------------------------------------------------------------
@@ -295,7 +232,7 @@ class Endpoint:
         for peer, messages in self.agent.get_new_notifs().items():
             peer = peer.decode() if isinstance(peer, bytes) else str(peer)
             for message in messages:
-                ids = _parse_notification(message)
+                ids = parse_notification(message)
                 if ids is None:
                     self.foreign_notifications.append((peer, message))
                     continue
@@ -371,20 +308,3 @@ def _check_memory(regions: RegionSet, infos: Sequence[MemoryInfo]) -> str:
     if len(types) != 1:
         raise PlanError(f"All memory of one endpoint must be of one type, got {sorted(types)}.")
     return types.pop()
-
-
-def _parse_notification(message: bytes) -> tuple[str, ...] | None:
-    if not message.startswith(NOTIF_PREFIX):
-        return None
-    try:
-        ids = json.loads(message[len(NOTIF_PREFIX):].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        return None
-    return tuple(ids)
-
-
-def encode_notification(request_ids: Sequence[str]) -> bytes:
-    """The notification a reader sends when it has read `request_ids`."""
-    return NOTIF_PREFIX + json.dumps(list(request_ids), separators=(",", ":")).encode()

@@ -1,6 +1,6 @@
 """GPU gather: copy many byte ranges between device buffers in one kernel launch.
 
-The staged strategy (`ssm_split._staging`) READs a superset span of each src page into a
+The staged strategy (`ssm_split.strategies`) READs a superset span of each src page into a
 staging buffer with one NIXL descriptor, then moves the bytes the dst page needs out of
 staging. The pure core lists those moves as absolute `(src_addr, dst_addr, nbytes)`
 rows; this module only executes them:

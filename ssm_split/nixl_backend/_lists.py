@@ -1,7 +1,7 @@
 """NIXL descriptor lists prepared once per peer ("prepare once, make many").
 
 A `PeerLists` holds the two prepared lists of one src rank's `RankTables`
-(`ssm_split.prepare_tables`): the local list over the dst endpoint's pages and the remote
+(`ssm_split.expand.prepare_tables`): the local list over the dst endpoint's pages and the remote
 list over the src rank's pages, both in NIXL's Nx5 strided form (a few rows per layer,
 whatever the block count). Every READ from that src rank reuses them with its own index
 arrays (`make_prepped_xfer`).

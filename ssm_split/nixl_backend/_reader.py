@@ -41,11 +41,14 @@ from ..expand._expand import Expansion, RankedBatch, expand_plan
 from ..plan._plan import Plan, plan_reads
 from ..expand._prepared import index_batch, prepare_tables
 from ..specs._spec import check_transferable
-from ._endpoint import SCRATCH_MAGIC, Endpoint, encode_notification, read_bytes
+from ._endpoint import Endpoint
 from ._handshake import Handshake, decode_handshake
-from ._integrity import Guard
+from ._guard import Guard
 from ._lists import LOCAL_AGENT, PeerLists
+from ._memory import read_bytes
+from ._notify import encode_notification
 from ._pending import PendingRead, ReadStats, Transfer, label, request_ids_of
+from ._scratch import HEADER_NBYTES, WARM_UP_OFFSET, header_desc, parse_header, warm_up_desc
 from ._sidechannel import fetch_handshake_bytes
 
 __all__ = ["Peer", "Reader", "PendingRead", "ReadStats", "PREPARE_MODES"]
@@ -96,7 +99,7 @@ class Reader:
     def __init__(self, endpoint: Endpoint, *, prepare: str = "auto", check_generation: bool = True,
                  integrity: bool = False):
         if not isinstance(endpoint, Endpoint):
-            raise PlanError(f"Reader needs an Endpoint, got {type(endpoint).__name__}.")
+            raise TypeError(f"Reader needs an Endpoint (the dst rank's), got {type(endpoint).__name__}.")
         if prepare not in PREPARE_MODES:
             raise PlanError(f"prepare must be one of {PREPARE_MODES}, got {prepare!r}.")
         if prepare == "auto":
@@ -105,7 +108,8 @@ class Reader:
         self.peers: dict[int, Peer] = {}
         self._lists: dict[int, PeerLists] = {}
         self._plan: Plan | None = None
-        self._guard = Guard(self, check_generation=check_generation, integrity=integrity)
+        self._guard = Guard(endpoint, self.peers, self._read_small, check_generation=check_generation,
+                            integrity=integrity)
         self.before_check = None
         # batches whose READs may still write: (pending, dst blocks, layers)
         self._batches: list[tuple[PendingRead, set[int], set[int]]] = []
@@ -217,20 +221,23 @@ class Reader:
         # thread work only in READs of >= 1024 descriptors: repeat the header read so
         # every thread connects here rather than in the first real batch.
         count = 1024 * own.num_threads if own.num_threads else 1
-        local = np.tile(np.array([[own.scratch.addr + 16, 16, own.scratch.device_id]],
-                                 dtype=np.uint64), (count, 1))
+        local = np.tile(warm_up_desc(own.scratch), (count, 1))
         for rank in sorted(self.peers):
             peer = self.peers[rank]
-            s = peer.handshake.scratch
-            remote = np.tile(np.array([[s.addr, 16, s.device_id]], dtype=np.uint64), (count, 1))
-            self._start({rank: (local, remote)}, ("warm-up",), timeout_s, b"", (0, 0, 0)).wait()
-            header = read_bytes(own.scratch_memory, 16, 16)
-            generation = int.from_bytes(header[8:], "little")
-            if header[:8] != SCRATCH_MAGIC or generation != peer.handshake.generation:
+            remote = np.tile(header_desc(peer.handshake.scratch), (count, 1))
+            self._read_small({rank: (local, remote)}, ("warm-up",), timeout_s)
+            generation = parse_header(read_bytes(own.scratch_memory, WARM_UP_OFFSET, HEADER_NBYTES))
+            if generation != peer.handshake.generation:
                 raise HandshakeError(
                     f"src rank {rank} ({peer.agent_name!r}) is at registration generation "
-                    f"{generation if header[:8] == SCRATCH_MAGIC else '?'}, but its handshake says "
+                    f"{'?' if generation is None else generation}, but its handshake says "
                     f"{peer.handshake.generation}: the handshake is stale. Fetch a new one.")
+
+    def _read_small(self, posts: Mapping[int, tuple[np.ndarray, np.ndarray]], ids: tuple[str, ...],
+                    timeout_s: float) -> None:
+        """Post `{src_rank: (dst_descs, src_descs)}` (no notification) and wait: the
+        warm-up and the guard's header READs."""
+        self._start(posts, ids, timeout_s, b"", (0, 0, 0)).wait()
 
     # --- reads --------------------------------------------------------------------------
 
@@ -297,7 +304,7 @@ class Reader:
         blocks, layer_set = set(pairs[:, 1].tolist()), set(batch.layers.tolist())
         self._check_free(blocks, layer_set)
         counts = (batch.num_reads, batch.num_descriptors, batch.nbytes)
-        check = self._guard.prepare(batch, pairs, request_ids, ids, deadline)
+        check = self._guard.prepare(batch, pairs, request_ids, ids, deadline, self.before_check)
         # with checks on, the src is notified only once the bytes passed them
         notif = b"" if self._guard.defers_notification else encode_notification(ids)
         pending = self._start(posts, ids, deadline - time.monotonic(), notif, counts)

@@ -11,7 +11,7 @@ Protocol, one exchange per connection::
     src -> reader : 8-byte big-endian length, then that many bytes of handshake
 
 Other 21-byte request lines go to the `handlers` the server was given (integrity mode
-adds `b"SSMSPLIT INTEGRITY 1\\n"`, see `_integrity.py`); anything else is closed
+adds `b"SSMSPLIT INTEGRITY 1\\n"`, see `_guard.py`); anything else is closed
 without an answer. Each connection is served on its own thread, so a reader that
 connects and stays silent delays nobody else.
 
@@ -28,7 +28,7 @@ from typing import Callable, Mapping
 from ..errors import HandshakeError, TransferError
 from ._handshake import MAX_HANDSHAKE_NBYTES
 
-__all__ = ["REQUEST", "SideChannelServer", "fetch_handshake_bytes"]
+__all__ = ["REQUEST", "SideChannelServer", "fetch_handshake_bytes", "recv_exact"]
 
 REQUEST = b"SSMSPLIT HANDSHAKE 1\n"
 _LENGTH = struct.Struct(">Q")
@@ -74,7 +74,7 @@ class SideChannelServer:
         with conn:
             try:
                 conn.settimeout(5.0)
-                request = _recv_exact(conn, len(REQUEST))
+                request = recv_exact(conn, len(REQUEST))
                 if request == REQUEST:
                     payload = self._provider()
                     conn.sendall(_LENGTH.pack(len(payload)) + payload)
@@ -91,7 +91,7 @@ class SideChannelServer:
             self._thread.join(timeout=2.0)
 
 
-def _recv_exact(conn: socket.socket, nbytes: int) -> bytes:
+def recv_exact(conn: socket.socket, nbytes: int) -> bytes:
     chunks, left = [], nbytes
     while left:
         chunk = conn.recv(min(left, 1 << 20))
@@ -115,11 +115,11 @@ def fetch_handshake_bytes(host: str, port: int, *, timeout_s: float = 10.0) -> b
         with socket.create_connection((host, port), timeout=timeout_s) as conn:
             conn.settimeout(timeout_s)
             conn.sendall(REQUEST)
-            (length,) = _LENGTH.unpack(_recv_exact(conn, _LENGTH.size))
+            (length,) = _LENGTH.unpack(recv_exact(conn, _LENGTH.size))
             if length > MAX_HANDSHAKE_NBYTES:
                 raise HandshakeError(f"The endpoint at {peer} announced a handshake of {length} "
                                      f"bytes, above the limit of {MAX_HANDSHAKE_NBYTES}.")
-            return _recv_exact(conn, length)
+            return recv_exact(conn, length)
     except EOFError as error:
         raise HandshakeError(f"The endpoint at {peer} sent a truncated handshake: {error}.") from None
     except OSError as error:

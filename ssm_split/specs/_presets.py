@@ -11,7 +11,7 @@ Names are the lowercase model name without organisation and without -Instruct/-B
 
     >>> ssm_split.model("nemotron-h-8b")                  # or "nvidia/Nemotron-H-8B-Base-8K"
     Mamba2Spec(num_heads=128, head_dim=64, num_groups=8, state_size=128, ...)
-    >>> ssm_split.preset_info("jamba-v0.1").num_state_layers
+    >>> ssm_split.specs.preset_info("jamba-v0.1").num_state_layers
     28
 """
 

@@ -6,7 +6,7 @@ that NIXL cannot merge, against about 1 us per MB. A `CostModel` says this with 
 numbers measured on the machine (`fit_cost_model` fits them from timings), and
 `choose_groups` uses it to decide, per src rank of a plan, which reads to fetch directly
 and which to fetch as one superset span into a staging buffer, to be fixed up by one
-on-GPU gather (`ssm_split._staging`).
+on-GPU gather (`ssm_split.strategies`).
 """
 
 from __future__ import annotations

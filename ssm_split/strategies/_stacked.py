@@ -168,13 +168,13 @@ class PartView:
     """Where one layer's piece of a part sits in a stacked page.
 
     The piece is an array of `shape` elements of `elem_nbytes` bytes, starting
-    `offset_nbytes` from the page start, with `strides_nbytes` per axis (the first axis,
+    `offset` bytes from the page start, with `strides_nbytes` per axis (the first axis,
     units, jumps over the other layers).
     """
 
     name: str
     row: int | None
-    offset_nbytes: int
+    offset: int
     shape: tuple[int, ...]
     strides_nbytes: tuple[int, ...]
     elem_nbytes: int

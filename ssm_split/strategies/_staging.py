@@ -11,7 +11,7 @@ slot on the GPU, is cheaper. `stage_plan` splits a plan, per page, into
 - `moves`: `Move(slot_offset, dst_offset, nbytes)`, copies from the slot into the dst page
   once the spans have landed (one gather kernel for a whole wave of pages).
 
-Which reads share a span is decided per src rank by `_cost.choose_groups` (or given).
+Which reads share a span is decided per src rank by `ssm_split.strategies.choose_groups` (or given).
 Example, GDN 1 -> 2, dst rank 0, each Q/K/V slice 1/2 of the src's::
 
     src page   | Q0 Q1 | K0 K1 | V0 V1 | T0 T1 |

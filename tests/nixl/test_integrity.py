@@ -33,8 +33,8 @@ from ssm_split.errors import IntegrityError, StaleHandshakeError
 from ssm_split.nixl_backend import Endpoint, Reader, fetch_handshake_bytes  # noqa: E402
 from ssm_split.integrity._digests import plan_pieces  # noqa: E402
 from ssm_split.nixl_backend._handshake import spec_fingerprint  # noqa: E402
-from ssm_split.nixl_backend._integrity import (INTEGRITY_REQUEST, MAX_REQUEST_NBYTES,  # noqa: E402
-                                               answer_integrity)
+from ssm_split.nixl_backend._integrity_src import (INTEGRITY_REQUEST, MAX_REQUEST_NBYTES,  # noqa: E402
+                                                   answer_integrity)
 from ssm_split.nixl_backend._sidechannel import SideChannelServer  # noqa: E402
 
 from ._cluster import DST_FILL, Case, first_difference  # noqa: E402

@@ -97,7 +97,7 @@ def test_layer_view_reads_one_layer(case, num_layers, seed, data):
     layout = ssm_split.page_layout(spec, tp, rank)
     for view, seg in zip(layer_view(stacked, tp, rank, layer), layout.segments):
         assert (view.name, view.row) == (seg.name, seg.row)
-        arr = np.lib.stride_tricks.as_strided(page[view.offset_nbytes:].view(np.uint8),
+        arr = np.lib.stride_tricks.as_strided(page[view.offset:].view(np.uint8),
                                               shape=(*view.shape, view.elem_nbytes),
                                               strides=(*view.strides_nbytes, 1))
         assert arr.tobytes() == flat[seg.offset:seg.end].tobytes()
