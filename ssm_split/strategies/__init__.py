@@ -15,9 +15,26 @@ from ._staging import Move as Move
 from ._staging import StagedPlan as StagedPlan
 from ._staging import stage_plan as stage_plan
 from ._staging import apply_staged as apply_staged
-from ._staging import PackedPlan as PackedPlan
-from ._staging import pack_plan as pack_plan
-from ._staging import apply_packed as apply_packed
+from ._packing import Pack as Pack
+from ._packing import Unpack as Unpack
+from ._packing import PackedPlan as PackedPlan
+from ._packing import pack_plan as pack_plan
+from ._packing import apply_packed as apply_packed
+from ._packing import PackLayout as PackLayout
+from ._packing import PACK_FORMAT as PACK_FORMAT
+from ._packing import pack_fingerprint as pack_fingerprint
+from ._program import STRATEGIES as STRATEGIES
+from ._program import CopyTable as CopyTable
+from ._program import PackOrder as PackOrder
+from ._program import Wave as Wave
+from ._program import Program as Program
+from ._program import direct_program as direct_program
+from ._program import staged_program as staged_program
+from ._program import packed_program as packed_program
+from ._program import peer_program as peer_program
+from ._program import pack_copies as pack_copies
+from ._program import fetch_reads as fetch_reads
+from ._program import select_layers as select_layers
 from ._staging import SLOT_ALIGN_NBYTES as SLOT_ALIGN_NBYTES
 from ._stacked import StackedSpec as StackedSpec
 from ._stacked import stack_layers as stack_layers
@@ -40,9 +57,26 @@ __all__ = [
     "StagedPlan",
     "stage_plan",
     "apply_staged",
+    "Pack",
+    "Unpack",
     "PackedPlan",
     "pack_plan",
     "apply_packed",
+    "PackLayout",
+    "PACK_FORMAT",
+    "pack_fingerprint",
+    "STRATEGIES",
+    "CopyTable",
+    "PackOrder",
+    "Wave",
+    "Program",
+    "direct_program",
+    "staged_program",
+    "packed_program",
+    "peer_program",
+    "pack_copies",
+    "fetch_reads",
+    "select_layers",
     "SLOT_ALIGN_NBYTES",
     "StackedSpec",
     "stack_layers",

@@ -35,8 +35,7 @@ from ._cost import DEFAULT_COST_MODEL, CostModel, choose_groups
 from ..errors import PlanError
 from ..plan._plan import Plan, Read
 
-__all__ = ["Span", "Move", "StagedPlan", "stage_plan", "apply_staged", "PackedPlan", "pack_plan", "apply_packed",
-           "SLOT_ALIGN_NBYTES"]
+__all__ = ["Span", "Move", "StagedPlan", "stage_plan", "apply_staged", "SLOT_ALIGN_NBYTES", "align"]
 
 SLOT_ALIGN_NBYTES = 256
 """Spans start at multiples of this inside a slot, and slots are a multiple of it long, so
@@ -137,7 +136,8 @@ class StagedPlan:
                     max(self.slot_nbytes, 1), self.plan.dst_content_nbytes)
 
 
-def _align(value: int) -> int:
+def align(value: int) -> int:
+    """`value` rounded up to a multiple of `SLOT_ALIGN_NBYTES`."""
     return -(-value // SLOT_ALIGN_NBYTES) * SLOT_ALIGN_NBYTES
 
 
@@ -182,7 +182,7 @@ def stage_plan(plan: Plan, *, model: CostModel = DEFAULT_COST_MODEL,
         end = max(r.src_end for r in group)
         spans.append(Span(group[0].src_rank, start, end - start, slot))
         moves += [Move(slot + r.src_offset - start, r.dst_offset, r.nbytes) for r in group]
-        slot = _align(slot + end - start)
+        slot = align(slot + end - start)
     direct.sort(key=lambda r: (r.src_rank, r.dst_offset))
     moves.sort(key=lambda m: m.dst_offset)
     return StagedPlan(plan, tuple(direct), tuple(spans), tuple(moves), slot)
@@ -211,81 +211,4 @@ def apply_staged(staged: StagedPlan, src_pages: Sequence[np.ndarray], dst_page: 
             src_pages[span.src_rank][span.src_offset:span.src_offset + span.nbytes]
     for move in staged.moves:
         out[move.dst_offset:move.dst_offset + move.nbytes] = slot[move.slot_offset:move.slot_offset + move.nbytes]
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class PackedPlan:
-    """A plan executed by packing on the src side (see `pack_plan`).
-
-    Attributes:
-        plan: the plain plan.
-        slot_nbytes: indexed by src rank, the packed bytes one page needs from that src
-            rank (a multiple of `SLOT_ALIGN_NBYTES`; 0 for a src rank not read from).
-        packs: `Read(src_rank, src_offset, dst_offset=slot offset, nbytes)`: src page ->
-            that src rank's pack slot.
-        moves: `Read(src_rank, src_offset=slot offset, dst_offset, nbytes)`: the src
-            rank's slot (as landed in dst staging) -> dst page.
-    """
-
-    plan: Plan
-    slot_nbytes: tuple[int, ...]
-    packs: tuple[Read, ...]
-    moves: tuple[Read, ...]
-
-    def pack_plan_for(self, src_rank: int) -> Plan:
-        """`src_rank`'s packs as a `Plan` from its page to its slot (the "dst page")."""
-        reads = tuple(r for r in self.packs if r.src_rank == src_rank)
-        return Plan(self.plan.spec, self.plan.src_tp, self.plan.dst_tp, self.plan.dst_rank, reads,
-                    self.plan.src_content_nbytes, max(self.slot_nbytes[src_rank], 1))
-
-    def fetch_plan(self, src_rank: int) -> Plan:
-        """One read of `src_rank`'s whole slot into the same-sized staging slot; over a
-        batch of back-to-back slots it expands to a single descriptor."""
-        n = self.slot_nbytes[src_rank]
-        return Plan(self.plan.spec, self.plan.src_tp, self.plan.dst_tp, self.plan.dst_rank,
-                    (Read(src_rank, 0, 0, n),), max(n, 1), max(n, 1))
-
-    def unpack_plan(self) -> Plan:
-        """The moves as a `Plan` whose src pages are the landed slots (by src rank)."""
-        return Plan(self.plan.spec, self.plan.src_tp, self.plan.dst_tp, self.plan.dst_rank, self.moves,
-                    max(max(self.slot_nbytes), 1), self.plan.dst_content_nbytes)
-
-
-def pack_plan(plan: Plan) -> PackedPlan:
-    """Pack, per src rank, exactly the bytes the dst page needs from it, back to back.
-
-    The src gathers its reads into a slot (each read at a `SLOT_ALIGN_NBYTES`-aligned
-    offset, in dst order); slots of a batch are adjacent, so the dst fetches all of one
-    src rank's bytes for a batch with one descriptor, then moves them into its pages.
-    Bytes over NIXL equal the plan's; the price is one gather pass on each side.
-    """
-    if not isinstance(plan, Plan):
-        raise PlanError(f"pack_plan takes a Plan, got {type(plan).__name__}.")
-    sizes = [0] * plan.src_tp
-    packs: list[Read] = []
-    moves: list[Read] = []
-    for src_rank in plan.src_ranks:
-        at = 0
-        for read in sorted(plan.reads_from(src_rank), key=lambda r: r.dst_offset):
-            packs.append(Read(src_rank, read.src_offset, at, read.nbytes))
-            moves.append(Read(src_rank, at, read.dst_offset, read.nbytes))
-            at = _align(at + read.nbytes)
-        sizes[src_rank] = at
-    moves.sort(key=lambda r: (r.src_rank, r.dst_offset))
-    return PackedPlan(plan, tuple(sizes), tuple(packs), tuple(moves))
-
-
-def apply_packed(packed: PackedPlan, src_pages: Sequence[np.ndarray], dst_page: np.ndarray) -> np.ndarray:
-    """Execute `packed` on numpy pages: pack each src rank's slot, then unpack into a copy
-    of `dst_page` (the reference for the GPU executor)."""
-    plan = packed.plan
-    if len(src_pages) != plan.src_tp:
-        raise PlanError(f"apply_packed needs {plan.src_tp} src pages, got {len(src_pages)}.")
-    slots = [np.zeros(n, dtype=np.uint8) for n in packed.slot_nbytes]
-    for r in packed.packs:
-        slots[r.src_rank][r.dst_offset:r.dst_end] = src_pages[r.src_rank][r.src_offset:r.src_end]
-    out = np.array(dst_page, dtype=np.uint8, copy=True)
-    for r in packed.moves:
-        out[r.dst_offset:r.dst_end] = slots[r.src_rank][r.src_offset:r.src_end]
     return out

@@ -190,34 +190,3 @@ def test_staged_batch_through_expand_plan(case, seed, num_blocks, num_layers, da
             want = reference.shard(spec, state, dst_tp)[dst_rank]
             at = (layer * num_blocks + int(dst_b)) * dp
             assert np.array_equal(dst_mem[at:at + dp], want)
-
-
-@given(case=rank_cases(max_tp=6), seed=seeds(), pad=paddings())
-def test_packed_execution_rebuilds_the_dst_page(case, seed, pad):
-    from ssm_split.strategies._staging import apply_packed, pack_plan
-
-    spec, src_tp, dst_tp, dst_rank = case
-    plan = plan_reads(spec, src_tp, dst_tp, dst_rank)
-    packed = pack_plan(plan)
-    src, dst, want = _pages(spec, src_tp, dst_tp, dst_rank, seed, pad)
-    assert np.array_equal(apply_packed(packed, src, dst), want)
-    # exactly the plan's bytes are packed, each slot aligned
-    assert sum(r.nbytes for r in packed.packs) == plan.nbytes
-    assert all(n % SLOT_ALIGN_NBYTES == 0 for n in packed.slot_nbytes)
-    assert {r for r, n in enumerate(packed.slot_nbytes) if n} == set(plan.src_ranks)
-
-
-@given(case=rank_cases(max_tp=4), num_pairs=st.integers(1, 5), num_layers=st.integers(1, 3))
-def test_packed_fetch_is_one_descriptor_per_src_rank(case, num_pairs, num_layers):
-    from ssm_split.strategies._staging import pack_plan
-
-    plan = plan_reads(*case)
-    packed = pack_plan(plan)
-    pairs = np.stack([np.arange(num_pairs), np.arange(num_pairs)], axis=1)
-    for src_rank in plan.src_ranks:
-        n = packed.slot_nbytes[src_rank]
-        src = RegionSet.packed(1 << 40, num_layers=num_layers, num_blocks=num_pairs, page_nbytes=n)
-        dst = RegionSet.packed(1 << 30, num_layers=num_layers, num_blocks=num_pairs, page_nbytes=n)
-        exp = expand_plan(packed.fetch_plan(src_rank), {src_rank: src}, dst, pairs)
-        assert exp.num_descriptors == 1
-        assert exp.nbytes == n * num_pairs * num_layers
