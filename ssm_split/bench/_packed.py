@@ -17,7 +17,7 @@ import numpy as np
 
 from ..layout._regions import RegionSet
 from ..expand._expand import expand_plan
-from ..strategies._staging import pack_plan
+from ..strategies._packing import pack_plan  # (harness to be replaced by Reader-timed runs)
 from ._common import num_regions, plan_for, regions
 
 
