@@ -5,7 +5,10 @@
   rank needs, the dst READs a few large spans and scatters;
 - the stacked layout (`stack_layers`, `stacked_plan`, `layer_view`, ...): one region per
   block holding every layer unit-major, for engines that can choose their layout;
-- the cost model (`CostModel`, `fit_cost_model`, `choose_groups`) that picks groups;
+- transfer programs (`direct_program`, `staged_program`, `packed_program`,
+  `peer_program`): the frozen steps each side runs for a batch;
+- the cost model (`CostModel`, `fit_cost_model`, `choose_groups`, `estimate_s`,
+  `choose_strategy`) that picks staged groups and whole strategies;
 - `baseline_reads` / `baseline_plan`: vLLM's descriptor pattern, as a yardstick for
   benchmarks (wrong for replicated groups and key heads, as vLLM is).
 """
@@ -45,6 +48,10 @@ from ._stacked import unstack_page as unstack_page
 from ._stacked import PartView as PartView
 from ._stacked import layer_view as layer_view
 from ._cost import CostModel as CostModel
+from ._cost import DRAM_COST_MODEL as DRAM_COST_MODEL
+from ._choose import STRATEGY_ORDER as STRATEGY_ORDER
+from ._choose import estimate_s as estimate_s
+from ._choose import choose_strategy as choose_strategy
 from ._cost import DEFAULT_COST_MODEL as DEFAULT_COST_MODEL
 from ._cost import fit_cost_model as fit_cost_model
 from ._cost import choose_groups as choose_groups
@@ -87,6 +94,10 @@ __all__ = [
     "PartView",
     "layer_view",
     "CostModel",
+    "DRAM_COST_MODEL",
+    "STRATEGY_ORDER",
+    "estimate_s",
+    "choose_strategy",
     "DEFAULT_COST_MODEL",
     "fit_cost_model",
     "choose_groups",

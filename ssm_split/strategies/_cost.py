@@ -1,12 +1,12 @@
 """What a transfer strategy costs.
 
-NIXL READs between GPUs are priced per descriptor, not per byte, until descriptors are
-megabytes long (see `docs/performance.md`): on an H100, about 8-14 us per descriptor
-that NIXL cannot merge, against about 1 us per MB. A `CostModel` says this with four
-numbers measured on the machine (`fit_cost_model` fits them from timings), and
-`choose_groups` uses it to decide, per src rank of a plan, which reads to fetch directly
-and which to fetch as one superset span into a staging buffer, to be fixed up by one
-on-GPU gather (`ssm_split.strategies`).
+NIXL READs are priced per descriptor, not per byte, until descriptors are megabytes long
+(docs/performance.md): about 8-11 us per descriptor NIXL cannot merge between H200s,
+against well under 1 us per MB. A `CostModel` says this with a few numbers measured on
+the machine (`fit_cost_model` fits the READ terms from timings). `choose_groups` uses it
+to decide, per src rank of a plan, which reads to fetch directly and which to fetch as
+one superset span into staging, fixed up by one gather; `estimate_s` and
+`choose_strategy` (`_choose.py`) use it to pick a whole strategy.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import PlanError
 from ..plan._plan import Read
 
-__all__ = ["CostModel", "DEFAULT_COST_MODEL", "fit_cost_model", "choose_groups"]
+__all__ = ["CostModel", "DEFAULT_COST_MODEL", "DRAM_COST_MODEL", "fit_cost_model", "choose_groups"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,15 +32,20 @@ class CostModel:
         byte_s: one byte read over NIXL (1 / bandwidth).
         gather_byte_s: one byte moved by the gather kernel out of staging.
         gather_launch_s: one gather launch (once per wave of staged pages).
+        request_s: one request a src rank answers before the dst may READ (a pack
+            order: side channel round trip and the src's copy launch).
+        peer_byte_s: one byte copied by a kernel from a peer GPU's mapped memory.
     """
 
     desc_s: float
     byte_s: float
     gather_byte_s: float
     gather_launch_s: float = 20e-6
+    request_s: float = 300e-6
+    peer_byte_s: float = 2.7e-12
 
     def __post_init__(self) -> None:
-        for name in ("desc_s", "byte_s", "gather_byte_s", "gather_launch_s"):
+        for name in ("desc_s", "byte_s", "gather_byte_s", "gather_launch_s", "request_s", "peer_byte_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise PlanError(f"CostModel.{name} must be a number of seconds >= 0, got {value!r}.")
@@ -55,9 +60,16 @@ class CostModel:
         return self.desc_s + span_nbytes * self.byte_s + gathered_nbytes * self.gather_byte_s
 
 
-DEFAULT_COST_MODEL = CostModel(desc_s=8e-6, byte_s=1.0e-12, gather_byte_s=0.77e-12)
-"""H100 80GB, NIXL 1.5.1 over cuda_ipc, UCX `num_threads=4`: 3-14 us per unmerged
-descriptor (8 taken), ~1.0 TB/s per READ stream, ~1.3 TB/s for the gather kernel."""
+DEFAULT_COST_MODEL = CostModel(desc_s=8e-6, byte_s=2.6e-12, gather_byte_s=0.55e-12)
+"""VRAM between two H200s joined by NVLink (NIXL 1.5.1 over cuda_ipc, UCX `num_threads=4`,
+`split_batch_size=1`; benchmarks/results/): 8-11 us per unmerged descriptor, ~385 GB/s for
+large READs, ~1.8 TB/s for a copy kernel on one GPU, ~370 GB/s for a kernel reading the
+peer GPU."""
+
+DRAM_COST_MODEL = CostModel(desc_s=6e-6, byte_s=0.3e-9, gather_byte_s=0.25e-9, gather_launch_s=50e-6,
+                            request_s=400e-6, peer_byte_s=0.25e-9)
+"""Host memory on a small CPU machine (UCX cma READs ~3 GB/s and ~5-7 us per descriptor,
+numpy copies ~4 GB/s; docs/performance.md)."""
 
 
 def fit_cost_model(descriptors: Sequence[int], nbytes: Sequence[int], seconds: Sequence[float],

@@ -8,11 +8,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ssm_split
-from ssm_split import reference
+from ssm_split import Mamba2Spec, plan_reads, reference
 from ssm_split.strategies._cost import CostModel, fit_cost_model
 from ssm_split.strategies._baseline import baseline_plan, baseline_reads
 from ssm_split.errors import PlanError
-from tests.strategies import seeds, specs
+from tests.strategies import rank_cases, seeds, specs
 
 
 @st.composite
@@ -94,3 +94,46 @@ def test_fit_and_model_reject_bad_input():
         fit_cost_model([1], [2], [3.0])
     with pytest.raises(PlanError, match="desc_s"):
         CostModel(desc_s=-1.0, byte_s=0.0, gather_byte_s=0.0)
+
+
+# --- choosing a strategy ------------------------------------------------------------------
+
+from ssm_split.strategies import STRATEGY_ORDER, choose_strategy, estimate_s  # noqa: E402
+
+DESCRIPTORS_DEAR = CostModel(desc_s=1.0, byte_s=1e-15, gather_byte_s=1e-15, request_s=1e-9, peer_byte_s=1e-15)
+BYTES_DEAR = CostModel(desc_s=1e-15, byte_s=1.0, gather_byte_s=1.0, request_s=1e-15, peer_byte_s=2.0)
+
+
+@given(case=rank_cases(max_tp=6), requests=st.integers(1, 64), layers=st.integers(1, 8))
+def test_dear_descriptors_pick_packing_and_dear_bytes_pick_direct(case, requests, layers):
+    plan = plan_reads(*case)
+    everything = list(STRATEGY_ORDER)
+    if sum(len(plan.reads_from(r)) for r in plan.src_ranks) > len(plan.src_ranks):
+        # more than one read per src rank: one packed range per src rank beats them
+        pick = choose_strategy(plan, num_requests=requests, num_layers=layers,
+                               available=["direct", "staged", "packed"], model=DESCRIPTORS_DEAR)
+        assert pick in ("packed", "staged")
+    # copies cost as much as READs: nothing beats reading each byte once into place
+    assert choose_strategy(plan, num_requests=requests, num_layers=layers, available=everything,
+                           model=BYTES_DEAR) == "direct"
+    assert choose_strategy(plan, num_requests=requests, num_layers=layers, available=["packed"]) == "packed"
+
+
+@given(case=rank_cases(max_tp=4), requests=st.integers(1, 32), strategy=st.sampled_from(STRATEGY_ORDER))
+def test_estimates_grow_with_the_batch(case, requests, strategy):
+    plan = plan_reads(*case)
+    one = estimate_s(strategy, plan, num_requests=requests, num_layers=2)
+    more = estimate_s(strategy, plan, num_requests=requests + 1, num_layers=2)
+    assert 0 < one <= more
+
+
+def test_choosing_from_nothing_or_unknown_strategies_is_refused():
+    plan = plan_reads(Mamba2Spec(num_heads=4, head_dim=4, num_groups=1, state_size=8), 1, 2, 0)
+    with pytest.raises(PlanError, match="non-empty subset"):
+        choose_strategy(plan, num_requests=1, num_layers=1, available=[])
+    with pytest.raises(PlanError, match="non-empty subset"):
+        choose_strategy(plan, num_requests=1, num_layers=1, available=["teleport"])
+    with pytest.raises(PlanError, match="Unknown strategy"):
+        estimate_s("teleport", plan, num_requests=1, num_layers=1)
+    with pytest.raises(PlanError, match="num_requests"):
+        estimate_s("direct", plan, num_requests=0, num_layers=1)
