@@ -124,6 +124,10 @@ class DeviceCopier:
             event.record(self._stream)
         return Launched(event)
 
+    def synchronize(self) -> None:
+        """Wait until every launched copy finished."""
+        self._stream.synchronize()
+
 
 def make_copier(mem_type: str, device_id: int, arrays: Sequence[Any]) -> HostCopier | DeviceCopier:
     """The copier for an endpoint's memory: host arrays (DRAM) or its GPU (VRAM)."""

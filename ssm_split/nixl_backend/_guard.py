@@ -156,18 +156,20 @@ class Guard:
                     f"or re-used. The batch is not received; fetch a new handshake "
                     f"(connect_to) and read again.", request=_label(ids), peer=peer.agent_name)
 
-    def prepare(self, batch: Any, pairs: np.ndarray, request_ids: Any, ids: tuple[str, ...],
-                deadline: float, before_check: Callable[[Any], None] | None = None
+    def prepare(self, plan: Any, src_ranks: list[int], layer_ids: np.ndarray, pairs: np.ndarray,
+                request_ids: Any, ids: tuple[str, ...], deadline: float,
+                before_check: Callable[[Any], None] | None = None, notify: bool = False
                 ) -> Callable[[Any], None] | None:
-        """Before posting: fetch digests (integrity mode). `batch` is the batch's
-        `Expansion` or `IndexedBatch`. Returns the check to run once the bytes landed, or
-        None when there is nothing to check; it first calls `before_check(pending)` (fault
-        injection in tests)."""
-        plan, endpoint = batch.plan, self.endpoint
-        ranks = [r.src_rank for r in batch.ranks if r.num_descriptors]
-        if not ranks or not self.defers_notification:
+        """Before posting: fetch digests (integrity mode) for a batch of `plan` that reads
+        from `src_ranks`. Returns the check to run once the bytes landed (it first calls
+        `before_check(pending)`, fault injection in tests, and ends by notifying the src
+        ranks), or None when there is nothing to check and `notify` is False (then the
+        notification rides on the READs)."""
+        endpoint = self.endpoint
+        ranks = list(src_ranks)
+        if not ranks or not (self.defers_notification or notify):
             return None
-        layers = batch.layers.tolist()
+        layers = layer_ids.tolist()
         expected = None
         if self.integrity:
             common = {"fingerprint": spec_fingerprint(endpoint.spec),

@@ -16,7 +16,14 @@ Wire format (UTF-8 JSON, at most `MAX_HANDSHAKE_NBYTES`)::
                                        num_blocks, buffer], ...],
                           "buffers": [[addr, nbytes, device_id], ...]},
               "scratch": [addr, nbytes, device_id],
-              "agent_metadata": "<base64>"}}
+              "agent_metadata": "<base64>",
+              "capabilities": {"host": "<boot id>@<host name>",
+                               "pack": [area_addr, area_nbytes, device_id, max_wave_nbytes] | null,
+                               "ipc": [["<128 hex digits>", offset, nbytes], ...] | null}}}
+
+`capabilities` says which strategies the src serves besides plain READs: `pack` its pack
+area (the packed strategy), `ipc` one CUDA IPC handle per registered buffer (the peer
+strategy, for a reader on the same `host`).
 
 Canonical JSON: keys sorted, no spaces. Decoding is strict: unknown or missing keys,
 wrong types, bools where ints are expected, a digest or fingerprint that does not match,
@@ -58,7 +65,9 @@ _MAX_NAME = 256
 _U64_MAX = (1 << 64) - 1
 _FAMILIES = {cls.family: cls for cls in SPEC_TYPES}
 _BODY_KEYS = frozenset({"spec", "fingerprint", "tp", "rank", "agent_name", "mem_type",
-                        "generation", "regions", "scratch", "agent_metadata"})
+                        "generation", "regions", "scratch", "agent_metadata", "capabilities"})
+_CAPABILITY_KEYS = frozenset({"host", "pack", "ipc"})
+_IPC_HANDLE_HEX = 128
 
 
 def _canonical(value: object) -> bytes:
@@ -91,6 +100,11 @@ class Handshake:
         agent_metadata: NIXL agent metadata (`get_agent_metadata()`), taken after the
             pages were registered.
         generation: registration generation, >= 1; bumped on every (de)registration.
+        host_id: the src's machine (`_ipc.host_id()`), "" when unknown.
+        pack_area: the src's registered pack area, or None when it does not pack.
+        pack_wave_nbytes: the most bytes it packs for one wave (0 without a pack area).
+        ipc_exports: per buffer of `regions`, its CUDA IPC export `(handle, offset,
+            nbytes)`; empty when the src's pages cannot be mapped by peers.
     """
 
     spec: Spec
@@ -102,6 +116,10 @@ class Handshake:
     scratch: Buffer
     agent_metadata: bytes
     generation: int
+    host_id: str = ""
+    pack_area: Buffer | None = None
+    pack_wave_nbytes: int = 0
+    ipc_exports: tuple[tuple[bytes, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         try:
@@ -124,6 +142,23 @@ class Handshake:
             raise HandshakeError("Handshake regions must be a RegionSet and scratch a Buffer.")
         if not isinstance(self.agent_metadata, bytes) or not self.agent_metadata:
             raise HandshakeError("Handshake agent_metadata must be non-empty bytes.")
+        if not isinstance(self.host_id, str) or len(self.host_id) > _MAX_NAME or not _utf8(self.host_id):
+            raise HandshakeError(f"Handshake host_id must be a str of at most {_MAX_NAME} characters.")
+        if self.pack_area is not None and not isinstance(self.pack_area, Buffer):
+            raise HandshakeError("Handshake pack_area must be a Buffer or None.")
+        _check_int("pack_wave_nbytes", self.pack_wave_nbytes, 0)
+        if (self.pack_area is None) != (self.pack_wave_nbytes == 0) or (
+                self.pack_area is not None and self.pack_wave_nbytes > self.pack_area.nbytes):
+            raise HandshakeError("Handshake pack_wave_nbytes must be > 0 and at most the pack area's "
+                                 "size exactly when there is a pack area.")
+        if self.ipc_exports and (self.mem_type != "VRAM" or len(self.ipc_exports) != len(self.regions.buffers)):
+            raise HandshakeError("Handshake ipc_exports must hold one export per buffer of VRAM regions.")
+        for export in self.ipc_exports:
+            if (not isinstance(export, tuple) or len(export) != 3 or not isinstance(export[0], bytes)
+                    or len(export[0]) != _IPC_HANDLE_HEX // 2):
+                raise HandshakeError("Handshake ipc_exports rows must be (64-byte handle, offset, nbytes).")
+            _check_int("ipc offset", export[1], 0)
+            _check_int("ipc nbytes", export[2], 1)
 
     @property
     def fingerprint(self) -> str:
@@ -147,6 +182,12 @@ class Handshake:
             },
             "scratch": [self.scratch.addr, self.scratch.nbytes, self.scratch.device_id],
             "agent_metadata": base64.b64encode(self.agent_metadata).decode("ascii"),
+            "capabilities": {
+                "host": self.host_id,
+                "pack": None if self.pack_area is None else [
+                    self.pack_area.addr, self.pack_area.nbytes, self.pack_area.device_id, self.pack_wave_nbytes],
+                "ipc": [[h.hex(), offset, nbytes] for h, offset, nbytes in self.ipc_exports] or None,
+            },
         }
         envelope = {"format": HANDSHAKE_FORMAT, "version": HANDSHAKE_VERSION,
                     "sha256": hashlib.sha256(_canonical(body)).hexdigest(), "body": body}
@@ -234,9 +275,38 @@ def _decode_body(body: dict) -> Handshake:
         raw = base64.b64decode(metadata.encode("ascii"), validate=True)
     except (SsmSplitError, binascii.Error, UnicodeEncodeError) as error:
         raise HandshakeError(f"Handshake regions or metadata are invalid: {error}") from None
+    host, pack_area, pack_wave, exports = _decode_capabilities(body["capabilities"])
     return Handshake(spec=spec, tp=body["tp"], rank=body["rank"], agent_name=body["agent_name"],
                      mem_type=body["mem_type"], regions=region_set, scratch=scratch_buffer,
-                     agent_metadata=raw, generation=body["generation"])
+                     agent_metadata=raw, generation=body["generation"], host_id=host,
+                     pack_area=pack_area, pack_wave_nbytes=pack_wave, ipc_exports=exports)
+
+
+def _decode_capabilities(value: object) -> tuple[str, Buffer | None, int, tuple]:
+    caps = _dict(value, "capabilities", _CAPABILITY_KEYS)
+    if not isinstance(caps["host"], str):
+        raise HandshakeError("Handshake field `capabilities.host` must be a str.")
+    pack_area, pack_wave = None, 0
+    if caps["pack"] is not None:
+        addr, nbytes, device, pack_wave = _int_rows([caps["pack"]], "capabilities.pack", 4)[0]
+        try:
+            pack_area = Buffer(addr, nbytes, device)
+        except SsmSplitError as error:
+            raise HandshakeError(f"Handshake pack area is invalid: {error}") from None
+    exports = []
+    if caps["ipc"] is not None:
+        if not isinstance(caps["ipc"], list) or not 0 < len(caps["ipc"]) <= _MAX_ENTRIES:
+            raise HandshakeError("Handshake field `capabilities.ipc` must be null or a non-empty list.")
+        for row in caps["ipc"]:
+            if (not isinstance(row, list) or len(row) != 3 or not isinstance(row[0], str)
+                    or len(row[0]) != _IPC_HANDLE_HEX):
+                raise HandshakeError("Handshake `capabilities.ipc` rows must be [128 hex digits, offset, nbytes].")
+            try:
+                handle = bytes.fromhex(row[0])
+            except ValueError:
+                raise HandshakeError("Handshake `capabilities.ipc` handles must be hex.") from None
+            exports.append((handle, _check_int("ipc offset", row[1], 0), _check_int("ipc nbytes", row[2], 1)))
+    return caps["host"], pack_area, pack_wave, tuple(exports)
 
 
 def decode_handshake(data: object) -> Handshake:

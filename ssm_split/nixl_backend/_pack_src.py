@@ -33,7 +33,7 @@ from ..strategies._packing import PackLayout
 from ..strategies._program import PackOrder, pack_copies
 
 __all__ = ["PackArea", "order_to_wire", "order_from_wire", "answer_pack", "answer_release",
-           "DEFAULT_LEASE_TTL_S"]
+           "DEFAULT_LEASE_TTL_S", "PACK_REQUEST", "PackService", "ask_pack"]
 
 DEFAULT_LEASE_TTL_S = 30.0
 _MAX_BLOCKS = 1 << 20
@@ -155,3 +155,83 @@ def answer_release(area: PackArea | None, request: dict) -> dict:
     if area is None or type(lease) is not int:
         return {"ok": False, "kind": "refused", "error": "`lease` must be an int of this endpoint's area"}
     return {"ok": True, "released": area.release(lease)}
+
+
+PACK_REQUEST = b"SSMSPLIT PACKWAVES 1\n"
+"""Side channel request line of pack orders and lease releases (then an 8-byte length and
+a JSON object with `"op": "pack" | "release"`; the answer: an 8-byte length and JSON)."""
+_MAX_REQUEST_NBYTES = 64 << 20
+
+
+class PackService:
+    """An endpoint's pack area, the copier that fills it, and its side channel handler.
+
+    Args:
+        endpoint: the src endpoint (its spec, tp, rank, regions, memory, generation).
+        nbytes: the pack area's size; it is allocated here like the endpoint's memory
+            (host array or CUDA tensor on its device) and must then be registered.
+    """
+
+    def __init__(self, endpoint: Any, nbytes: int):
+        from ._copier import make_copier
+        from ._memory import describe_memory, zeros_like_memory
+
+        device = endpoint.scratch.device_id
+        memory = zeros_like_memory(endpoint.mem_type, device, nbytes)
+        info = describe_memory(memory)
+        self.endpoint = endpoint
+        self.area = PackArea(Buffer(info.addr, info.nbytes, info.device_id), memory)
+        self.copier = make_copier(endpoint.mem_type, device, list(endpoint.memory) + [memory])
+        self.requests = 0
+        self._lock = threading.Lock()  # one pack at a time: copies of one area share a stream
+
+    def answer(self, request: dict) -> dict:
+        """Answer one decoded request (`op` "pack" or "release")."""
+        self.requests += 1
+        op = request.get("op") if isinstance(request, dict) else None
+        if op == "pack":
+            with self._lock:
+                return answer_pack(self.endpoint, self.area, self.copier, request)
+        if op == "release":
+            return answer_release(self.area, request)
+        return {"ok": False, "kind": "refused", "error": "`op` must be \"pack\" or \"release\""}
+
+    def handle(self, conn) -> None:
+        """Side channel handler of `PACK_REQUEST` (after the request line was read)."""
+        import json
+
+        from ._integrity_src import LENGTH
+        from ._sidechannel import recv_exact
+
+        (length,) = LENGTH.unpack(recv_exact(conn, LENGTH.size))
+        try:
+            if length > _MAX_REQUEST_NBYTES:
+                raise ValueError(f"request of {length} bytes exceeds {_MAX_REQUEST_NBYTES}")
+            answer = self.answer(json.loads(recv_exact(conn, length).decode("utf-8")))
+        except Exception as error:  # a peer's request must never kill the side channel thread
+            answer = {"ok": False, "kind": "refused", "error": f"{type(error).__name__}: {error}"}
+        encoded = json.dumps(answer).encode()
+        conn.sendall(LENGTH.pack(len(encoded)) + encoded)
+
+
+def ask_pack(address: tuple[str, int], request: dict, timeout_s: float) -> dict:
+    """Send one pack or release request to the src serving at `address`; its answer, or
+    `{"ok": false, "kind": "unreachable", ...}` when the exchange itself failed."""
+    import json
+    import socket
+
+    from ._integrity_src import LENGTH
+    from ._sidechannel import recv_exact
+
+    body = json.dumps(request).encode()
+    try:
+        with socket.create_connection(address, timeout=timeout_s) as conn:
+            conn.settimeout(timeout_s)
+            conn.sendall(PACK_REQUEST + LENGTH.pack(len(body)) + body)
+            (length,) = LENGTH.unpack(recv_exact(conn, LENGTH.size))
+            if length > _MAX_REQUEST_NBYTES:
+                raise EOFError(f"an answer of {length} bytes")
+            answer = json.loads(recv_exact(conn, length))
+    except (OSError, EOFError, ValueError) as error:
+        return {"ok": False, "kind": "unreachable", "error": f"{type(error).__name__}: {error}"}
+    return answer if isinstance(answer, dict) else {"ok": False, "kind": "refused", "error": repr(answer)}

@@ -53,8 +53,10 @@ class ReadStats:
         num_reads: plan reads x layers x requests (before merging).
         num_descriptors: descriptors posted, after merging, over all src ranks.
         nbytes: bytes moved.
-        num_transfers: NIXL transfers posted (one per src rank read from).
+        num_transfers: NIXL transfers posted (one per src rank read from, and wave).
         elapsed_s: from the first post to the last completion seen, in seconds.
+        strategy: the strategy that ran ("direct", "staged", "packed" or "peer").
+        num_waves: waves of the batch (1 unless staged or packed in several waves).
     """
 
     request_ids: tuple[str, ...]
@@ -63,6 +65,8 @@ class ReadStats:
     nbytes: int
     num_transfers: int
     elapsed_s: float
+    strategy: str = "direct"
+    num_waves: int = 1
 
     @property
     def gbps(self) -> float:
@@ -112,10 +116,14 @@ class PendingRead:
     """
 
     def __init__(self, agent, transfers: list[Transfer], request_ids: tuple[str, ...],
-                 deadline: float, counts: tuple[int, int, int], started: float):
+                 deadline: float, counts: tuple[int, int, int], started: float, *,
+                 strategy: str = "direct", run=None):
         self._agent, self._transfers, self.request_ids = agent, transfers, request_ids
         self.deadline, self._counts, self._started = deadline, counts, started
-        self._finished: float | None = started if not transfers else None
+        self.strategy = strategy
+        self.staging_lease = 0  # the reader's staging lease, given back once the batch is over
+        self._run = run  # a ProgramRun posting READs over time, or None (all posted at once)
+        self._finished: float | None = started if not transfers and run is None else None
         self._error: TransferError | None = None
         self._cancelled = False
         self._unsettled: list[Transfer] = []  # active when the batch failed
@@ -150,27 +158,62 @@ class PendingRead:
             error.request_ids = self.request_ids  # type: ignore[attr-defined]
             raise
 
+    def attach(self, run) -> None:
+        """Drive a `ProgramRun` (set once, before the first poll); its READs are posted
+        into this batch (`add`) and polled with `transfer_done`."""
+        self._run = run
+        self._finished = None
+
+    def add(self, transfer: Transfer) -> Transfer:
+        """A READ of this batch posted after it started (a later wave)."""
+        self._transfers.append(transfer)
+        return transfer
+
+    def transfer_done(self, transfer: Transfer) -> bool:
+        """True once `transfer` finished; raises `TransferError` (and fails the batch)
+        when it failed."""
+        if transfer.done:
+            return True
+        try:
+            state = self._agent.check_xfer_state(transfer.xfer)
+        except Exception as error:  # NIXL exceptions derive from Exception
+            self._fail(f"READ from src rank {transfer.src_rank} failed: "
+                       f"{type(error).__name__}: {error}", transfer.peer, error, transfer)
+        if state == "DONE":
+            transfer.done = True
+            transfer.release()
+        elif state != "PROC":
+            self._fail(f"READ from src rank {transfer.src_rank} ended in state {state!r}.",
+                       transfer.peer, ended=transfer)
+        return transfer.done
+
+    def kick(self) -> None:
+        """Post what can be posted now (the first waves), without completing the batch:
+        a failure to post raises here, a finished batch is completed by `poll`."""
+        if self._error is None and self._finished is None:
+            self._advance()
+
+    def _advance(self) -> bool:
+        if self._run is None:
+            return all([self.transfer_done(t) for t in self._transfers])
+        try:
+            return self._run.poll()
+        except TransferError as error:
+            if self._error is None:  # failed by the run itself (a refusal or its deadline)
+                self._keep_active()
+                self._error = error
+                error.request_ids = self.request_ids  # type: ignore[attr-defined]
+            self._run.abandon()
+            raise
+
     def poll(self) -> bool:
-        """True once every src rank's READ is done; raises `TransferError` on failure."""
+        """True once every READ (and copy) of the batch is done and checked; raises
+        `TransferError` on failure."""
         if self._error is not None:
             raise self._error
         if self._finished is not None:
             return True
-        for transfer in self._transfers:
-            if transfer.done:
-                continue
-            try:
-                state = self._agent.check_xfer_state(transfer.xfer)
-            except Exception as error:  # NIXL exceptions derive from Exception
-                self._fail(f"READ from src rank {transfer.src_rank} failed: "
-                           f"{type(error).__name__}: {error}", transfer.peer, error, transfer)
-            if state == "DONE":
-                transfer.done = True
-                transfer.release()
-            elif state != "PROC":
-                self._fail(f"READ from src rank {transfer.src_rank} ended in state {state!r}.",
-                           transfer.peer, ended=transfer)
-        if all(t.done for t in self._transfers):
+        if self._advance():
             self._run_check()
             self._finished = time.perf_counter()
             return True
@@ -193,8 +236,9 @@ class PendingRead:
         if self._finished is None:
             raise PlanError("stats() is only known once the read completed (poll() or wait()).")
         num_reads, num_descriptors, nbytes = self._counts
+        waves = len(self._run.program.waves) if self._run is not None else 1
         return ReadStats(self.request_ids, num_reads, num_descriptors, nbytes, len(self._transfers),
-                         self._finished - self._started)
+                         self._finished - self._started, self.strategy, waves)
 
     def _keep_active(self, ended: Transfer | None = None) -> None:
         """The batch failed: release finished transfers, keep the others until settled."""

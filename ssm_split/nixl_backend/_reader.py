@@ -41,6 +41,7 @@ from ..expand._expand import Expansion, RankedBatch, expand_plan
 from ..plan._plan import Plan, plan_reads
 from ..expand._prepared import index_batch, prepare_tables
 from ..specs._spec import check_transferable
+from ..strategies._cost import CostModel
 from ._endpoint import Endpoint
 from ._handshake import Handshake, decode_handshake
 from ._guard import Guard
@@ -48,6 +49,7 @@ from ._lists import LOCAL_AGENT, PeerLists
 from ._memory import read_bytes
 from ._notify import encode_notification
 from ._pending import PendingRead, ReadStats, Transfer, label, request_ids_of
+from ._programs import ReaderPrograms
 from ._scratch import HEADER_NBYTES, WARM_UP_OFFSET, header_desc, parse_header, warm_up_desc
 from ._sidechannel import fetch_handshake_bytes
 
@@ -81,6 +83,17 @@ class Reader:
 
     Args:
         endpoint: this dst rank's endpoint (its spec, tp, rank, regions and agent).
+        strategy: how batches move (`_programs`): "direct" (the merged plan, one READ per
+            src rank), "staged" (superset spans into a staging area, then one scatter),
+            "packed" (src ranks pack each wave, one READ per src rank and wave, then one
+            scatter), "peer" (one kernel copies from the src's pages mapped into this
+            process: same host, GPU memory), or "auto" (default: the cost model picks,
+            per batch, among those the connected src ranks allow).
+        staging_nbytes: the staging area of staged and packed batches (None: 512 MiB on
+            a GPU, 16 MiB on the host); allocated and registered on first use.
+        model: the cost model "auto" uses (None: measured defaults per memory type).
+        plan: run this plan instead of `plan_reads`' (benchmarks: vLLM's descriptor
+            pattern, `ssm_split.strategies.baseline_plan`); direct strategy only.
         prepare: `"auto"` (the default: `"per-batch"` when the dst pages of a block's
             layers are adjacent, `"once"` otherwise), `"once"` (NIXL lists prepared per
             src rank at connect, a batch only
@@ -96,18 +109,24 @@ class Reader:
             bytes landed and before they are checked (fault injection in tests).
     """
 
-    def __init__(self, endpoint: Endpoint, *, prepare: str = "auto", check_generation: bool = True,
-                 integrity: bool = False):
+    def __init__(self, endpoint: Endpoint, *, strategy: str = "auto", prepare: str = "auto",
+                 check_generation: bool = True, integrity: bool = False, staging_nbytes: int | None = None,
+                 model: CostModel | None = None, plan: Plan | None = None):
         if not isinstance(endpoint, Endpoint):
             raise TypeError(f"Reader needs an Endpoint (the dst rank's), got {type(endpoint).__name__}.")
         if prepare not in PREPARE_MODES:
             raise PlanError(f"prepare must be one of {PREPARE_MODES}, got {prepare!r}.")
+        if plan is not None and not isinstance(plan, Plan):
+            raise PlanError(f"plan must be a Plan (e.g. ssm_split.strategies.baseline_plan), got "
+                            f"{type(plan).__name__}.")
         if prepare == "auto":
             prepare = "per-batch" if endpoint.regions.layers_adjacent else "once"
         self.endpoint, self.prepare = endpoint, prepare
         self.peers: dict[int, Peer] = {}
         self._lists: dict[int, PeerLists] = {}
         self._plan: Plan | None = None
+        self._plan_override = plan
+        self._programs = ReaderPrograms(self, strategy, staging_nbytes, model)
         self._guard = Guard(endpoint, self.peers, self._read_small, check_generation=check_generation,
                             integrity=integrity)
         self.before_check = None
@@ -140,7 +159,7 @@ class Reader:
         if others and others != {hs.tp}:
             raise HandshakeError(f"src rank {hs.rank} says tp={hs.tp}, but connected src ranks "
                                  f"say tp={others.pop()}: one Reader reads from one src engine.")
-        plan = plan_reads(hs.spec, hs.tp, own.tp, own.rank, dst_spec=own.spec)
+        plan = self._plan_for(hs)
         tables = None
         if self.prepare == "once" and hs.rank in plan.src_ranks:
             tables = prepare_tables(plan, hs.rank, hs.regions, own.regions)
@@ -158,6 +177,7 @@ class Reader:
                                  f"{hs.agent_name!r}, but its metadata belongs to {name!r}.")
         self.peers[hs.rank] = Peer(hs, name)
         self._plan = plan
+        self._programs.on_connect(hs.rank, hs)
         if tables is not None:
             try:
                 self._lists[hs.rank] = PeerLists(own.agent, tables, name, own.mem_type, hs.mem_type,
@@ -181,6 +201,7 @@ class Reader:
             raise HandshakeError(f"src rank {src_rank} is not connected (connected: "
                                  f"{sorted(self.peers)}).")
         self._plan = None
+        self._programs.on_disconnect(src_rank)
         lists = self._lists.pop(src_rank, None)
         if lists is not None:
             lists.retire()  # released once no READ in flight uses them
@@ -195,10 +216,30 @@ class Reader:
         if self._plan is None:
             if not self.peers:
                 raise HandshakeError("No src rank is connected: call connect() or connect_to() first.")
-            src = next(iter(self.peers.values())).handshake
-            own = self.endpoint
-            self._plan = plan_reads(src.spec, src.tp, own.tp, own.rank, dst_spec=own.spec)
+            self._plan = self._plan_for(next(iter(self.peers.values())).handshake)
         return self._plan
+
+    def _plan_for(self, hs: Handshake) -> Plan:
+        own = self.endpoint
+        plan = plan_reads(hs.spec, hs.tp, own.tp, own.rank, dst_spec=own.spec)
+        override = self._plan_override
+        if override is None:
+            return plan
+        if (override.src_tp, override.dst_tp, override.dst_rank) != (plan.src_tp, plan.dst_tp, plan.dst_rank):
+            raise PlanError(f"The reader's plan is for {override.src_tp} -> {override.dst_tp} rank "
+                            f"{override.dst_rank}, but this transfer is {plan.src_tp} -> {plan.dst_tp} "
+                            f"rank {plan.dst_rank}.")
+        return override
+
+    @property
+    def strategy(self) -> str:
+        """The reader's strategy ("auto" or a forced one)."""
+        return self._programs.strategy
+
+    def strategies(self) -> dict[str, str | None]:
+        """Each strategy: None when this reader can run it with the connected src ranks,
+        else why not (e.g. `{"peer": "src rank 0: the src runs on another host ..."}`)."""
+        return self._programs.available()
 
     def _peer(self, src_rank: int) -> Peer:
         peer = self.peers.get(src_rank)
@@ -282,8 +323,8 @@ class Reader:
             self._lists[rank] = fresh
 
     def start_read(self, block_pairs: object, request_ids: str | Sequence[str], *,
-                   layers: object = None, timeout_s: float = 30.0) -> PendingRead:
-        """Post a batch: one READ per src rank; returns without waiting.
+                   layers: object = None, timeout_s: float = 30.0, strategy: str | None = None) -> PendingRead:
+        """Start moving a batch; returns without waiting (poll or wait the result).
 
         Args:
             block_pairs: shape `(N, 2)` `(src_block, dst_block)`, one row per request.
@@ -291,20 +332,69 @@ class Reader:
                 src ranks in the completion notification.
             layers: layer ids to move (default: all).
             timeout_s: deadline for the whole batch, from now.
+            strategy: this batch's strategy, overriding the reader's (see `Reader`).
 
         Raises:
-            BlockRangeError, PlanError: bad block ids, layers or arguments.
+            BlockRangeError, PlanError: bad block ids, layers or arguments, or a forced
+                strategy the connection cannot run (the message says why).
             HandshakeError: a src rank the plan needs is not connected.
             TransferError: NIXL refused to prepare or post a READ.
         """
         deadline = time.monotonic() + timeout_s
         pairs = np.asarray(block_pairs)
         ids = request_ids_of(request_ids, pairs.shape[0] if pairs.ndim == 2 else -1)
+        if not self.endpoint.registered:
+            raise TransferError("This reader's endpoint has deregistered its pages: register them "
+                                "again (Endpoint.register) before reading into them.", request=label(ids))
+        plan = self.plan
+        for rank in plan.src_ranks:
+            self._peer(rank)
+        num_layers = self.endpoint.regions.num_layers if layers is None else len(np.asarray(layers).reshape(-1))
+        num_requests = max(pairs.shape[0] if pairs.ndim == 2 else 1, 1)
+        self._check_free(set(), set())  # gives back the staging of batches that are over
+        name = self._programs.choose(num_requests, max(num_layers, 1), strategy)
+        lease, staging = 0, None
+        if name in ("staged", "packed"):
+            got = self._programs.lease_staging(name, num_requests, max(num_layers, 1))
+            if got is None and (strategy or self.strategy) != "auto":
+                raise PlanError(f"The staging area ({self._programs.staging_nbytes} bytes) is taken by "
+                                f"batches in flight: wait for them, or read with a larger staging_nbytes.")
+            if got is None:
+                name = self._programs.choose(num_requests, max(num_layers, 1), exclude=("staged", "packed"))
+            else:
+                lease, staging = got
+        if name == "direct" and self.prepare == "once":
+            return self._start_prepared(pairs, layers, request_ids, ids, deadline)
+        try:
+            program = self._programs.program(name, pairs, layers, staging)
+            blocks, layer_set = set(program.block_pairs[:, 1].tolist()), set(program.layers.tolist())
+            self._check_free(blocks, layer_set)
+        except BaseException:
+            self._programs.release_staging(lease)
+            raise
+        check = self._guard.prepare(plan, list(program.src_ranks), program.layers, program.block_pairs,
+                                    _row_ids(request_ids, program.block_pairs, pairs), ids, deadline,
+                                    self.before_check, notify=True)
+        pending = PendingRead(self.endpoint.agent, [], ids, deadline,
+                              (program.num_reads, program.num_descriptors, program.nbytes), time.perf_counter(),
+                              strategy=name)
+        pending.attach(self._programs.run(program, pending, label(ids)))
+        pending.check = check
+        pending.staging_lease = lease
+        self._batches.append((pending, blocks, layer_set))
+        pending.kick()  # posts the first waves now
+        return pending
+
+    def _start_prepared(self, pairs: np.ndarray, layers: object, request_ids, ids: tuple[str, ...],
+                        deadline: float) -> PendingRead:
+        """The direct strategy on lists prepared once per peer: one READ per src rank."""
         batch, posts = self._batch(pairs, layers, ids)
         blocks, layer_set = set(pairs[:, 1].tolist()), set(batch.layers.tolist())
         self._check_free(blocks, layer_set)
         counts = (batch.num_reads, batch.num_descriptors, batch.nbytes)
-        check = self._guard.prepare(batch, pairs, request_ids, ids, deadline, self.before_check)
+        ranks = [r.src_rank for r in batch.ranks if r.num_descriptors]
+        check = self._guard.prepare(batch.plan, ranks, batch.layers, batch.block_pairs,
+                                    _row_ids(request_ids, batch.block_pairs, pairs), ids, deadline, self.before_check)
         # with checks on, the src is notified only once the bytes passed them
         notif = b"" if self._guard.defers_notification else encode_notification(ids)
         pending = self._start(posts, ids, deadline - time.monotonic(), notif, counts)
@@ -318,6 +408,8 @@ class Reader:
         kept = []
         for pending, used, used_layers in self._batches:
             if pending.status == "received" or (pending.status != "in flight" and pending.settled):
+                self._programs.release_staging(pending.staging_lease)
+                pending.staging_lease = 0
                 continue
             kept.append((pending, used, used_layers))
             clash = blocks & used
@@ -343,6 +435,19 @@ class Reader:
         total = sum(int(d[:, 1].sum()) for d, _ in descriptors.values())
         n = sum(len(d) for d, _ in descriptors.values())
         return self._start(dict(descriptors), ids, timeout_s, encode_notification(ids), (n, n, total))
+
+    def _post_now(self, transfer: Transfer, post: tuple, request: str) -> None:
+        """Post one READ of a program (no notification: it is sent after the checks)."""
+        try:
+            state = self._post(transfer, post, b"")
+        except Exception as error:
+            transfer.release()
+            raise _nixl_error(f"Could not post the READ from src rank {transfer.src_rank}", error,
+                              request=request, peer=transfer.peer) from error
+        if state == "ERR":
+            transfer.release()
+            raise TransferError(f"Posting the READ from src rank {transfer.src_rank} failed.",
+                                request=request, peer=transfer.peer)
 
     def _post(self, transfer: Transfer, post: tuple, notif: bytes) -> str:
         """Make and post one READ: `post` is `(dst_descs, src_descs)` arrays, prepared for
@@ -404,9 +509,20 @@ class Reader:
         for rank in list(self.peers):
             self.disconnect(rank)
         self._guard.close()
+        self._programs.close()
 
     def __enter__(self) -> "Reader":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _row_ids(request_ids: object, sorted_pairs: np.ndarray, given_pairs: np.ndarray) -> object:
+    """The request ids in the order of `sorted_pairs` (the batch's pairs sorted by dst
+    block), or the single str naming the whole batch."""
+    if isinstance(request_ids, str):
+        return request_ids
+    ids = list(request_ids)
+    order = {int(d): i for i, d in enumerate(np.asarray(given_pairs)[:, 1].tolist())}
+    return [ids[order[int(d)]] for d in sorted_pairs[:, 1].tolist()]

@@ -38,6 +38,7 @@ from ._program import peer_program as peer_program
 from ._program import pack_copies as pack_copies
 from ._program import fetch_reads as fetch_reads
 from ._program import select_layers as select_layers
+from ._program import mapped_regions as mapped_regions
 from ._staging import SLOT_ALIGN_NBYTES as SLOT_ALIGN_NBYTES
 from ._stacked import StackedSpec as StackedSpec
 from ._stacked import stack_layers as stack_layers
@@ -84,6 +85,7 @@ __all__ = [
     "pack_copies",
     "fetch_reads",
     "select_layers",
+    "mapped_regions",
     "SLOT_ALIGN_NBYTES",
     "StackedSpec",
     "stack_layers",

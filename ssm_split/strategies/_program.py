@@ -34,14 +34,14 @@ import numpy as np
 
 from ..errors import PlanError
 from ..expand._expand import Expansion, RankDescriptors, SrcRegions, check_batch, expand_plan
-from ..layout._regions import Buffer, RegionSet
+from ..layout._regions import Buffer, LayerRegion, RegionSet
 from ..plan._plan import Plan
 from ._cost import DEFAULT_COST_MODEL, CostModel
 from ._packing import PackLayout, pack_fingerprint, pack_plan
 from ._staging import align, stage_plan
 
 __all__ = ["STRATEGIES", "CopyTable", "PackOrder", "Wave", "Program", "direct_program", "staged_program",
-           "packed_program", "peer_program", "pack_copies", "fetch_reads", "select_layers"]
+           "packed_program", "peer_program", "pack_copies", "fetch_reads", "select_layers", "mapped_regions"]
 
 STRATEGIES = ("direct", "staged", "packed", "peer")
 
@@ -379,3 +379,15 @@ def fetch_reads(order: PackOrder, src_area: Buffer, lease_offset: int, dst_devic
     src = np.stack([src_area.addr + lease_offset + starts, lengths, np.full(parts, src_area.device_id, _U64)], axis=1)
     _read_only(dst, src)
     return RankDescriptors(order.src_rank, dst, src, 0)
+
+
+def mapped_regions(regions: RegionSet, buffer_addrs: Sequence[int], device_id: int) -> RegionSet:
+    """`regions` as another process sees them once it mapped each buffer `i` at
+    `buffer_addrs[i]` on its device `device_id` (the peer strategy's src side)."""
+    if len(buffer_addrs) != len(regions.buffers):
+        raise PlanError(f"{len(buffer_addrs)} mapped addresses for {len(regions.buffers)} buffers.")
+    shift = [int(addr) - b.addr for addr, b in zip(buffer_addrs, regions.buffers)]
+    layers = tuple(LayerRegion(r.base_addr + shift[r.buffer], r.page_nbytes, r.page_stride_nbytes, r.num_blocks,
+                               r.buffer) for r in regions.layers)
+    buffers = tuple(Buffer(int(addr), b.nbytes, device_id) for addr, b in zip(buffer_addrs, regions.buffers))
+    return RegionSet(layers, buffers)

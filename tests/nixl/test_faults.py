@@ -60,7 +60,7 @@ def dst():
 
 
 def reader(endpoint: Endpoint, src: SrcEngine, **options) -> Reader:
-    r = Reader(endpoint, **options)
+    r = Reader(endpoint, **{"strategy": "direct", **options})
     for address in src.addresses:
         r.connect_to(*address)
     return r

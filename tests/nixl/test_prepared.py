@@ -99,7 +99,7 @@ def test_lists_replaced_under_a_read_in_flight_are_released_once_it_settled():
     (dst, memory), = endpoints(case, "dst")[:1]
     src.serve()
     try:
-        with Reader(dst) as reader:
+        with Reader(dst, strategy="direct") as reader:
             reader.connect_to(*src.address)
             before = reader._lists[0]
             pending = reader.start_read(case.pairs_array, "first")  # not polled yet

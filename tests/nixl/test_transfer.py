@@ -65,7 +65,7 @@ def cluster(case: Case, prepare: str = "once", num_threads: int | None = None):
                 regions=case.regions("dst", memory.ctypes.data), num_threads=num_threads))
             # DRAM: NIXL's default (0) unless told otherwise
             assert endpoint.num_threads == (0 if num_threads is None else num_threads)
-            reader = stack.enter_context(Reader(endpoint, prepare=prepare))
+            reader = stack.enter_context(Reader(endpoint, strategy="direct", prepare=prepare))
             for source in sources:
                 reader.connect_to(*source.address)
             readers.append(reader)

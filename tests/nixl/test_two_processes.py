@@ -36,7 +36,7 @@ def dst_side(case: Case, rank: int, prepare: str = "once", **options):
     memory = case.dst_memory()
     endpoint = Endpoint(case.spec, tp=case.dst_tp, rank=rank, memory=[memory],
                         regions=case.regions("dst", memory.ctypes.data), **options)
-    return endpoint, Reader(endpoint, prepare=prepare), memory
+    return endpoint, Reader(endpoint, strategy="direct", prepare=prepare), memory
 
 
 @pytest.mark.parametrize("prepare", ["once", "per-batch"])
