@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import time
 from contextlib import contextmanager
 from typing import Iterator, TextIO
 
 __all__ = ["Parser", "one_line", "positive_int", "non_negative_int", "positive_seconds",
-           "verbosity", "nixl_logs_to_stderr", "Progress", "bar"]
+           "verbosity", "Progress", "bar"]
 
 
 def one_line(text: object) -> str:
@@ -108,15 +109,6 @@ def verbosity(level: int) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def nixl_logs_to_stderr() -> None:
-    """Point NIXL's log handler (it writes "NIXL INFO ..." to stdout) at stderr, so a
-    command's stdout holds only its own output, e.g. a `--json` document. Call it after
-    NIXL was imported."""
-    for handler in logging.getLogger("nixl").handlers:
-        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
-            handler.setStream(sys.stderr)
-
-
 # -- progress ---------------------------------------------------------------------------
 
 class Progress:
@@ -140,6 +132,7 @@ class Progress:
         if not force and now - self._last < self.interval_s:
             return
         self._last = now
+        text = text[: shutil.get_terminal_size().columns - 1]  # a wrapped line cannot be redrawn
         self.stream.write("\r" + text.ljust(self._width))
         self._width = len(text)
         self.stream.flush()
