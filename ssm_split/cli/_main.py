@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                        help=_VERBOSE_HELP)
         add_arguments(p)
-        p.set_defaults(_run=run)
+        p.set_defaults(_run=run, _parser=p)
     return parser
 
 
@@ -92,8 +92,11 @@ def _missing(error: ImportError) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ssm-split` script; returns the exit status."""
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # name the subcommand whose options these are not
+            getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exit:  # --help (0) or a bad argument (2, one line already printed)
         return exit.code if isinstance(exit.code, int) else 2
     with verbosity(args.verbose):

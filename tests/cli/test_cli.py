@@ -12,6 +12,7 @@ from importlib import resources
 import pytest
 
 from ssm_split import model, models, page_layout
+from ssm_split.layout import rank_units
 from ssm_split.specs import preset_info
 from ssm_split.cli._main import main
 
@@ -177,3 +178,22 @@ def test_python_dash_m_models():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "qwen3.5-27b" in result.stdout and "Qwen/Qwen3.5-27B" in result.stdout
+
+
+@pytest.mark.parametrize("name, tp", [("granite-4.0-h-tiny", 4), ("qwen3.5-27b", 16),
+                                      ("nemotron-h-8b", 16)])
+def test_layout_unit_ranges_are_half_open_like_rank_units(capsys, name, tp):
+    """issue 15: `layout` printed inclusive "0..7" where `UnitRange` is `[0, 8)`."""
+    rc, out, _ = run(capsys, "layout", name, "--tp", str(tp), "--all-ranks")
+    assert rc == 0 and "units and bytes are half-open ranges [start, stop)" in out
+    pages = out.split("page of rank ")[1:]
+    assert len(pages) == tp
+    spec = model(name)
+    for rank, page in enumerate(pages):
+        units = {u.part: u for u in rank_units(spec, tp, rank)}
+        rows = table_rows(page, "segment")
+        shown = [(row[0], " ".join(row[1:3])) for row in rows]
+        want = [(part, f"[{u.start}, {u.stop})" + ("*" if u.replicated else ""))
+                for part, u in units.items()]
+        assert shown == want
+        assert ("* replicated" in page) == any(u.replicated for u in units.values())
