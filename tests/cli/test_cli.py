@@ -197,3 +197,30 @@ def test_layout_unit_ranges_are_half_open_like_rank_units(capsys, name, tp):
                 for part, u in units.items()]
         assert shown == want
         assert ("* replicated" in page) == any(u.replicated for u in units.values())
+
+
+@pytest.fixture
+def nemotron_dir(tmp_path):
+    text = resources.files("ssm_split.specs").joinpath("data", "nemotron-h-8b.json").read_text("utf-8")
+    config = {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_every_command_accepts_the_four_model_forms(capsys, nemotron_dir):
+    """issue 15: a preset name, an HF id, a config.json and its directory, everywhere."""
+    forms = ["nemotron-h-8b", "nvidia/Nemotron-H-8B-Base-8K", str(nemotron_dir / "config.json"),
+             str(nemotron_dir)]
+    specs = set()
+    for form in forms:
+        rc, out, err = run(capsys, "layout", form, "--tp", "2", "--json")
+        assert rc == 0, err
+        specs.add(json.dumps(json.loads(out)["spec"]))
+        rc, out, err = run(capsys, "plan", form, "--src-tp", "1", "--dst-tp", "2", "--json")
+        assert rc == 0 and json.loads(out)["plans"][0]["reads"], err
+        # demo and vllm-check resolve the model before refusing what does not fit it
+        rc, _, err = run(capsys, "demo", "--model", form, "--layers", "25")
+        assert rc == 2 and "has 24 state layers" in err
+        rc, _, err = run(capsys, "vllm-check", form, "--src-tp", "1", "--dst-tp", "3")
+        assert rc == 2 and "Cannot shard" in err and "num_groups=8" in err
+    assert len(specs) == 1
