@@ -11,9 +11,28 @@ CITING = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "ben
           *sorted((REPO / "ssm_split").rglob("*.py"))]
 
 
+# Broken citations in files this test's author may not edit, reported to their owners:
+# (citing file, cited path) -> why it is allowed for now. The second test fails once one
+# is fixed, so the list only shrinks.
+KNOWN_BROKEN = {
+    ("ssm_split/nixl_backend/_ipc.py", "benchmarks/results/peer-probe-h200x2.json"):
+        "an H200 result the backend's docstring cites, not committed yet",
+}
+
+
+def _key(citation) -> tuple[str, str]:
+    return citation.source.rsplit(":", 1)[0], citation.text
+
+
 def test_every_cited_path_exists():
-    missing = broken(CITING)
+    missing = [c for c in broken(CITING) if _key(c) not in KNOWN_BROKEN]
     assert missing == [], "cited but not in the repository:\n" + "\n".join(map(str, missing))
+
+
+def test_known_broken_citations_are_still_broken():
+    still = {_key(c) for c in broken(CITING)}
+    fixed = [key for key in KNOWN_BROKEN if key not in still]
+    assert fixed == [], f"fixed: remove them from KNOWN_BROKEN: {fixed}"
 
 
 def test_the_scanner_finds_citations_and_tells_patterns_apart(tmp_path: Path):
