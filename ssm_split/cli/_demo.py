@@ -23,6 +23,7 @@ starts; a rank process that fails reports one line (its traceback with -v).
 from __future__ import annotations
 
 import argparse
+import bisect
 import importlib.util
 from typing import Any
 
@@ -93,10 +94,13 @@ def _config(args: argparse.Namespace) -> tuple[DemoConfig, Any]:
     dst_page = _round_up(dst_content, _DST_PAGE_ALIGN)
     total = _memory_nbytes(args, args.requests, src_page, dst_page)
     if total > _MAX_MEMORY_NBYTES:
-        fits = [n for n in range(1, args.requests)
-                if _memory_nbytes(args, n, src_page, dst_page) <= _MAX_MEMORY_NBYTES]
-        fix = (f"pass --requests {fits[-1]} or fewer at --layers {args.layers}" if fits
-               else "pass fewer --layers")
+        fits = bisect.bisect_right(range(1, args.requests), _MAX_MEMORY_NBYTES,
+                                   key=lambda n: _memory_nbytes(args, n, src_page, dst_page))
+        per_layer = _memory_nbytes(argparse.Namespace(**{**vars(args), "layers": 1}), 1,
+                                   src_page, dst_page)
+        fix = (f"pass --requests {fits} or fewer at --layers {args.layers}" if fits
+               else f"pass --layers {_MAX_MEMORY_NBYTES // per_layer} or fewer (with --requests 1)"
+               if per_layer <= _MAX_MEMORY_NBYTES else "use a smaller model")
         raise PlanError(f"This run needs about {format_bytes(total)} of host memory (pages and "
                         f"their reference copies), above the demo's limit of "
                         f"{format_bytes(_MAX_MEMORY_NBYTES)}: {fix}.")

@@ -95,6 +95,8 @@ CASES: dict[str, list[Bad]] = {
         bad("demo", "--model", "nope", phrase="Unknown model 'nope'"),
         bad("demo", "--model", "qwen3.5-27b", "--src-tp", "2", "--dst-tp", "4", "--requests",
             "64", "--layers", "8", phrase="pass --requests 44 or fewer at --layers 8"),
+        bad("demo", "--model", "nemotron-h-56b", "--requests", "100000", "--layers", "54",
+            phrase="pass --layers 20 or fewer (with --requests 1)"),
     ],
     "vllm-check": [
         bad("vllm-check", "granite-4.0-h-tiny", "--src-tp", "1", phrase="required: --dst-tp"),
