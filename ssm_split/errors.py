@@ -19,6 +19,7 @@ __all__ = [
     "TransferError",
     "StaleHandshakeError",
     "IntegrityError",
+    "SetupError",
 ]
 
 
@@ -93,3 +94,8 @@ class IntegrityError(TransferError):
                  corruptions: tuple = ()):
         super().__init__(message, request=request, peer=peer)
         self.corruptions = tuple(corruptions)
+
+
+class SetupError(SsmSplitError, RuntimeError):
+    """The machine lacks what a run asked for: NIXL, a CUDA GPU, or torch built with CUDA.
+    The message names what is missing and how to install it or avoid needing it."""

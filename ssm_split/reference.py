@@ -2,7 +2,7 @@
 
 This module is deliberately simple and independent of the planner: it never calls
 `page_layout`, `rank_units` or `plan_reads`. It re-derives, from the conventions of
-`design.md`, which units (heads, groups, channels) each rank holds, builds every rank's
+`docs/conventions.md`, which units (heads, groups, channels) each rank holds, builds every rank's
 page by numpy slicing and concatenation of the *full* state, and reads pages back the
 same way. Plans are then checked against it: applying the reads of `plan_reads` to
 `shard(state, src_tp)` must give `shard(state, dst_tp)`.
@@ -65,7 +65,7 @@ def element_dtype(dtype_name: str) -> np.dtype:
     return _ELEMENT_DTYPES[dtype_name]
 
 
-# --- the families, restated from design.md ------------------------------------------------
+# --- the families, restated from docs/conventions.md ----------------------------------------
 # A conv sub-projection: (name, number of units, channels per unit, replicable).
 
 

@@ -2,58 +2,40 @@
 
 MODEL, wherever a subcommand takes one, is a preset name (`ssm-split models` lists them),
 a Hugging Face id of a preset, or a path to a `config.json` (or to a directory holding
-one), read with `ssm_split.from_hf_config`.
+one), read with `ssm_split.specs.resolve_model`. Each prints tables by default and one
+JSON document with `--json` (schemas in docs/cli.md).
 
     ssm-split models
     ssm-split layout qwen3.5-27b --tp 8
-    ssm-split plan falcon-h1-7b --src-tp 4 --dst-tp 6
+    ssm-split plan falcon-h1-7b --src-tp 4 --dst-tp 6 --json
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-from pathlib import Path
 
-from ..errors import SpecError
-from ..layout._layout import page_layout
+from ..errors import ShardingError, SpecError
+from ..layout._layout import page_layout, valid_tp_sizes
 from ..plan._plan import plan_all, plan_reads
-from ..specs._presets import ModelInfo, model_info_from_hf_config, models, preset_info
+from ..specs._presets import ModelInfo, models, preset_info, resolve_model
 from .._text import format_bytes, format_table
 from ..layout._format import format_layout
 from ..specs._spec import Spec
+from ._console import non_negative_int, positive_int
+from ._json import add_json_option, emit, layout_json, model_json, plan_json, spec_json
 
-__all__ = ["COMMANDS", "resolve_model"]
+__all__ = ["COMMANDS", "resolve_model", "MODEL_HELP"]
 
-_MODEL_HELP = ("preset name (see `ssm-split models`), Hugging Face id of a preset, or path to "
-               "a config.json (or a directory holding one)")
-
-
-def resolve_model(text: str) -> ModelInfo:
-    """A preset by name or id, or the model described by a config.json path.
-
-    Raises:
-        SpecError: unknown name, unreadable file, or unsupported config.
-    """
-    path = Path(text)
-    if path.is_dir():
-        path = path / "config.json"
-    if path.is_file() or text.endswith(".json"):
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise SpecError(f"Cannot read the model config {str(path)!r}: {error}. Pass a "
-                            f"readable config.json, or a preset name from `ssm-split models`.")
-        return model_info_from_hf_config(config, name=str(path))
-    return preset_info(text)
+MODEL_HELP = ("a preset name (see `ssm-split models`), a preset's Hugging Face id, or the "
+              "path of a config.json or of the directory holding it")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     parser.add_argument("--conv-layout", choices=("DS", "SD"), default=None,
                         help="conv state layout (default: the preset's, DS)")
-    parser.add_argument("--spec-tokens", type=int, default=None, metavar="K",
+    parser.add_argument("--spec-tokens", type=non_negative_int, default=None, metavar="K",
                         help="speculative tokens kept in the conv state (default 0)")
 
 
@@ -67,6 +49,12 @@ def _spec(info: ModelInfo, args: argparse.Namespace) -> Spec:
     return dataclasses.replace(info.spec, **changes)
 
 
+def _check_rank(rank: int | None, tp: int, rank_option: str, tp_option: str) -> None:
+    if rank is not None and rank >= tp:
+        raise ShardingError(f"{rank_option} {rank} is not a rank of {tp_option} {tp}: ranks are "
+                            f"[0, {tp}), so pass {rank_option} {tp - 1} or less.")
+
+
 def _header(info: ModelInfo, spec: Spec) -> str:
     hf = f" ({info.hf_id})" if info.hf_id and info.hf_id != info.name else ""
     return (f"{info.name}{hf}: {info.layer_kind}, {info.num_state_layers} of {info.num_layers} "
@@ -76,26 +64,39 @@ def _header(info: ModelInfo, spec: Spec) -> str:
 # -- models -----------------------------------------------------------------------------
 
 def _add_models(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tp", type=int, default=1,
+    parser.add_argument("--tp", type=positive_int, default=1,
                         help="show the per-rank state of this TP size (default 1)")
+    add_json_option(parser, "models")
+
+
+def _model_entry(info: ModelInfo, tp: int) -> dict:
+    try:
+        layout = page_layout(info.spec, tp, 0)
+    except ShardingError:  # cannot be sharded on this TP
+        layout = None
+    page = None if layout is None else {
+        "conv_nbytes": layout.conv_nbytes, "temporal_nbytes": layout.temporal_nbytes,
+        "content_nbytes": layout.content_nbytes,
+        "request_nbytes": layout.content_nbytes * info.num_state_layers}
+    return {**model_json(info), "spec": spec_json(info.spec),
+            "tp_sizes": list(valid_tp_sizes(info.spec)), "page": page}
 
 
 def _run_models(args: argparse.Namespace) -> int:
+    entries = [_model_entry(preset_info(name), args.tp) for name in models()]
+    if args.json:
+        emit("models", {"tp": args.tp, "models": entries})
+        return 0
     rows = []
-    for name in models():
-        info = preset_info(name)
-        try:
-            layout = page_layout(info.spec, args.tp, 0)
-        except SpecError:  # cannot be sharded on this TP
-            rows.append((name, info.family, info.hf_id, info.num_state_layers, "-", "-", "-", "-"))
-            continue
-        total = layout.content_nbytes
-        rows.append((name, info.family, info.hf_id, info.num_state_layers, layout.conv_nbytes,
-                     layout.temporal_nbytes, total, format_bytes(total * info.num_state_layers)))
+    for e in entries:
+        p = e["page"]
+        sizes = ("-",) * 4 if p is None else (p["conv_nbytes"], p["temporal_nbytes"],
+                                               p["content_nbytes"], format_bytes(p["request_nbytes"]))
+        rows.append((e["name"], e["family"], e["hf_id"], e["num_state_layers"], *sizes))
     print(format_table(("preset", "family", "hf id", "layers", "conv B", "temporal B",
                         "total B", "per request"), rows))
-    note = (f" '-': the model cannot be sharded on tp={args.tp}."
-            if any(row[4] == "-" for row in rows) else "")
+    note = (f" '-': the model cannot be sharded on tp={args.tp} (`ssm-split models --json` "
+            f"lists each model's TP sizes)." if any(e["page"] is None for e in entries) else "")
     print(f"\nlayers: layers that carry state. Bytes are per layer and per rank at tp={args.tp}; "
           f"per request = total x layers.{note}")
     return 0
@@ -105,17 +106,24 @@ def _run_models(args: argparse.Namespace) -> int:
 
 def _add_layout(parser: argparse.ArgumentParser) -> None:
     _add_model_options(parser)
-    parser.add_argument("--tp", type=int, required=True, help="tensor-parallel size")
+    parser.add_argument("--tp", type=positive_int, required=True, help="tensor-parallel size")
     ranks = parser.add_mutually_exclusive_group()
-    ranks.add_argument("--rank", type=int, default=0, help="the rank to show (default 0)")
+    ranks.add_argument("--rank", type=non_negative_int, default=0,
+                       help="the rank to show (default 0)")
     ranks.add_argument("--all-ranks", action="store_true", help="show every rank's page")
+    add_json_option(parser, "layout")
 
 
 def _run_layout(args: argparse.Namespace) -> int:
     info = resolve_model(args.model)
     spec = _spec(info, args)
+    _check_rank(None if args.all_ranks else args.rank, args.tp, "--rank", "--tp")
     ranks = range(args.tp) if args.all_ranks else (args.rank,)
     layouts = [page_layout(spec, args.tp, rank) for rank in ranks]  # validate before printing
+    if args.json:
+        emit("layout", {"model": model_json(info), "spec": spec_json(spec), "tp": args.tp,
+                        "pages": [layout_json(layout) for layout in layouts]})
+        return 0
     print(_header(info, spec))
     for layout in layouts:
         print()
@@ -127,21 +135,31 @@ def _run_layout(args: argparse.Namespace) -> int:
 
 def _add_plan(parser: argparse.ArgumentParser) -> None:
     _add_model_options(parser)
-    parser.add_argument("--src-tp", type=int, required=True, help="TP size of the side read from")
-    parser.add_argument("--dst-tp", type=int, required=True, help="TP size of the reading side")
-    parser.add_argument("--rank", type=int, default=None,
+    parser.add_argument("--src-tp", type=positive_int, required=True,
+                        help="TP size of the side read from")
+    parser.add_argument("--dst-tp", type=positive_int, required=True,
+                        help="TP size of the reading side")
+    parser.add_argument("--rank", type=non_negative_int, default=None,
                         help="only this dst rank (default: every dst rank)")
     parser.add_argument("--summary", action="store_true",
-                        help="print only the per-rank summary, not the reads")
+                        help="print only the per-rank summary, not the reads (tables only)")
+    add_json_option(parser, "plan")
 
 
 def _run_plan(args: argparse.Namespace) -> int:
     info = resolve_model(args.model)
     spec = _spec(info, args)
+    _check_rank(args.rank, args.dst_tp, "--rank", "--dst-tp")
     if args.rank is None:
         plans = plan_all(spec, args.src_tp, args.dst_tp)
     else:
         plans = (plan_reads(spec, args.src_tp, args.dst_tp, args.rank),)
+    num_reads, nbytes_total = sum(len(p.reads) for p in plans), sum(p.nbytes for p in plans)
+    if args.json:
+        emit("plan", {"model": model_json(info), "spec": spec_json(spec), "src_tp": args.src_tp,
+                      "dst_tp": args.dst_tp, "plans": [plan_json(p) for p in plans],
+                      "num_reads": num_reads, "nbytes": nbytes_total})
+        return 0
     print(_header(info, spec))
     if not args.summary:
         for plan in plans:
@@ -149,7 +167,6 @@ def _run_plan(args: argparse.Namespace) -> int:
             print(plan.format_table())
     rows = [(p.dst_rank, len(p.reads), p.nbytes, p.dst_content_nbytes,
              " ".join(map(str, p.src_ranks))) for p in plans]
-    num_reads, nbytes_total = sum(len(p.reads) for p in plans), sum(p.nbytes for p in plans)
     print(f"\nsummary, src tp={args.src_tp} -> dst tp={args.dst_tp}, per layer:")
     print(format_table(("dst rank", "reads", "bytes", "dst content B", "src ranks"), rows))
     print(f"{num_reads} reads, {nbytes_total} B per layer; x {info.num_state_layers} layers = "

@@ -3,7 +3,9 @@
 Each process builds its own pages from the reference model and its own NIXL endpoint.
 Processes share nothing but the side channel's TCP bytes (handshakes), NIXL READs and
 notifications, plus small control messages with the parent over a pipe (addresses,
-"go", statistics).
+"go", progress, statistics; `_demo_children` lists them). A process that fails sends
+the parent one line (and its traceback, shown with `-v`) and exits 1 without printing;
+one whose parent went away exits quietly.
 
 Page contents: request `i` of layer `l` holds `reference.random_state(spec, seed(l, i))`,
 so every (layer, request) page is different and a misrouted read shows.
@@ -12,15 +14,19 @@ so every (layer, request) page is different and a misrouted read shows.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from ..errors import SsmSplitError
 from ..layout._regions import RegionSet
+from ..nixl_backend._nixl_hint import INSTALL_HINT
 from ..specs._spec import Spec
+from ._console import one_line
 
 SRC_FILL = 0x5A
 """Src bytes outside moved content (other blocks, padding)."""
@@ -53,13 +59,22 @@ class DemoConfig:
         return f"req-{request}"
 
 
-def _prepare_env(device: str) -> None:
-    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+def _prepare_process(device: str) -> None:
+    """Settings of a rank process, before NIXL is imported.
+
+    Its stdout goes to stderr (file descriptor 1 included): NIXL's Python logger, NIXL's
+    C++ log and UCX all write to stdout, and the parent's stdout must hold only the
+    demo's own output (a `--json` document). The process reports through its pipe.
+    """
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")  # `ssm-split -v` sets it before spawning
     if device == "cuda":  # CUDA-IPC "get" makes GPU READs zero-copy (docs/backend.md)
         os.environ.setdefault("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")
 
 
-def _pages(cfg: DemoConfig, tp: int, rank: int, page_nbytes: int, fill: int) -> np.ndarray:
+def _pages(cfg: DemoConfig, tp: int, rank: int, page_nbytes: int, fill: int,
+           report: Callable[[int, int], None] = lambda done, total: None) -> np.ndarray:
     """The memory of one rank: every layer's pages, with the batch's pages filled."""
     from ..reference import random_state, shard
 
@@ -72,6 +87,7 @@ def _pages(cfg: DemoConfig, tp: int, rank: int, page_nbytes: int, fill: int) -> 
             page = shard(cfg.spec, state, tp, page_nbytes=page_nbytes, pad_byte=fill)[rank]
             start = regions.page_addr(layer, pair[side])
             memory[start: start + page_nbytes] = page
+        report(layer + 1, cfg.num_layers)
     return memory
 
 
@@ -92,11 +108,42 @@ def _addr(memory: Any) -> int:
     return int(memory.ctypes.data) if isinstance(memory, np.ndarray) else int(memory.data_ptr())
 
 
+def _reporter(conn, role: str, rank: int, phase: str) -> Callable[[int, int], None]:
+    def report(done: int, total: int) -> None:
+        conn.send(("progress", role, rank, (phase, done, total)))
+    return report
+
+
+def _expect(conn, word: str) -> None:
+    message = conn.recv()
+    if message != word:
+        raise RuntimeError(f"the demo's parent sent {message!r} where {word!r} was due")
+
+
+def _failure(error: BaseException) -> str:
+    """One line: a missing GPU, NIXL or torch is named as such; our own errors say what
+    to do; anything else is its type and message (the traceback goes along for -v)."""
+    if isinstance(error, SsmSplitError):
+        return one_line(error)
+    if isinstance(error, ImportError):
+        return one_line(f"{error} ({INSTALL_HINT})" if "nixl" in str(error).lower() else error)
+    if "CUDA" in str(error) or "cuda" in type(error).__module__:
+        return one_line(f"no usable CUDA device ({error}); use --device cpu")
+    return one_line(f"{type(error).__name__}: {error}")
+
+
 def _guard(role: str, rank: int, conn, body) -> None:
+    """Run `body`; on failure tell the parent in one line, then exit 1 without a
+    traceback. If the parent is gone (its pipe closed, Ctrl-C), exit quietly."""
     try:
         body()
-    except BaseException:  # report everything to the parent, then exit non-zero
-        conn.send(("error", role, rank, traceback.format_exc()))
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        raise SystemExit(1)  # the parent stopped waiting: nothing to report to
+    except BaseException as error:
+        try:
+            conn.send(("error", role, rank, (_failure(error), traceback.format_exc())))
+        except OSError:  # BrokenPipeError and the like: the parent already left
+            pass
         raise SystemExit(1)
     finally:
         conn.close()
@@ -104,23 +151,25 @@ def _guard(role: str, rank: int, conn, body) -> None:
 
 def src_main(cfg: DemoConfig, rank: int, conn) -> None:
     """A prefill rank: fill pages, serve the handshake, wait for every reader's notice."""
-    _prepare_env(cfg.device)
+    _prepare_process(cfg.device)
 
     def body() -> None:
         from ..plan._plan import plan_all
         from ..nixl_backend._endpoint import Endpoint
 
-        memory = _to_device(_pages(cfg, cfg.src_tp, rank, cfg.src_page_nbytes, SRC_FILL), cfg.device)
+        pages = _pages(cfg, cfg.src_tp, rank, cfg.src_page_nbytes, SRC_FILL,
+                       _reporter(conn, "src", rank, "filling pages"))
+        memory = _to_device(pages, cfg.device)
         regions = _regions(cfg, _addr(memory), cfg.src_page_nbytes)
         with Endpoint(cfg.spec, tp=cfg.src_tp, rank=rank, regions=regions, memory=[memory],
                       name=f"demo-prefill-{rank}-{os.getpid()}") as endpoint:
             conn.send(("ready", "src", rank, endpoint.serve("127.0.0.1", 0)))
-            assert conn.recv() == "collect"
+            _expect(conn, "collect")
             readers = sum(rank in plan.src_ranks for plan in plan_all(cfg.spec, cfg.src_tp, cfg.dst_tp))
             for request in range(len(cfg.pairs)):
                 endpoint.wait_for_reads(cfg.request_id(request), readers, timeout_s=cfg.timeout_s)
             conn.send(("freed", "src", rank, {"requests": len(cfg.pairs), "readers": readers}))
-            assert conn.recv() == "stop"
+            _expect(conn, "stop")
 
     _guard("src", rank, conn, body)
 
@@ -146,7 +195,7 @@ def _verify(cfg: DemoConfig, memory: Any, expected: np.ndarray) -> dict:
 def dst_main(cfg: DemoConfig, rank: int, conn) -> None:
     """A decode rank: receive the src addresses, connect to every src rank, read the
     batch, verify every byte."""
-    _prepare_env(cfg.device)
+    _prepare_process(cfg.device)
 
     def body() -> None:
         from ..nixl_backend._endpoint import Endpoint
@@ -155,7 +204,8 @@ def dst_main(cfg: DemoConfig, rank: int, conn) -> None:
         initial = np.full(cfg.num_layers * cfg.num_blocks * cfg.dst_page_nbytes, DST_FILL, np.uint8)
         memory = _to_device(initial, cfg.device)
         regions = _regions(cfg, _addr(memory), cfg.dst_page_nbytes)
-        expected = _pages(cfg, cfg.dst_tp, rank, cfg.dst_page_nbytes, DST_FILL)
+        expected = _pages(cfg, cfg.dst_tp, rank, cfg.dst_page_nbytes, DST_FILL,
+                          _reporter(conn, "dst", rank, "expected pages"))
         with Endpoint(cfg.spec, tp=cfg.dst_tp, rank=rank, regions=regions, memory=[memory],
                       name=f"demo-decode-{rank}-{os.getpid()}") as endpoint, Reader(endpoint) as reader:
             addresses = conn.recv()  # [(host, port)] of every src rank, from the parent
@@ -166,10 +216,11 @@ def dst_main(cfg: DemoConfig, rank: int, conn) -> None:
                 reader.disconnect(src_rank)  # this rank reads nothing from it
             reader.warm_up(timeout_s=cfg.timeout_s)
             conn.send(("ready", "dst", rank, None))
-            assert conn.recv() == "go"
+            _expect(conn, "go")
             pairs = np.array(cfg.pairs, dtype=np.int64).reshape(-1, 2)
             batches = [range(i, min(i + cfg.batch, len(pairs))) for i in range(0, len(pairs), cfg.batch)]
             totals = {"reads": 0, "descriptors": 0, "nbytes": 0, "transfers": 0}
+            report = _reporter(conn, "dst", rank, "reading batches")
             started = time.perf_counter()
             for done, batch in enumerate(batches, 1):
                 stats = reader.read(pairs[batch.start: batch.stop],
@@ -181,7 +232,7 @@ def dst_main(cfg: DemoConfig, rank: int, conn) -> None:
                 for key, value in (("reads", stats.num_reads), ("descriptors", stats.num_descriptors),
                                    ("nbytes", stats.nbytes), ("transfers", stats.num_transfers)):
                     totals[key] += value
-                conn.send(("progress", "dst", rank, (done, len(batches))))
+                report(done, len(batches))
             totals["elapsed_s"] = time.perf_counter() - started
             totals["src_ranks"] = list(needed)
             totals["verify"] = _verify(cfg, memory, expected)

@@ -17,10 +17,13 @@ import json
 import sys
 from typing import Any, TextIO
 
+from ..layout._layout import PageLayout, Segment, UnitRange
 from ..plan._plan import Plan, Read
+from ..specs._presets import ModelInfo
 from ..specs._spec import Spec, spec_fields
 
-__all__ = ["SCHEMA_VERSION", "document", "emit", "read_json", "plan_json", "spec_json"]
+__all__ = ["SCHEMA_VERSION", "document", "emit", "read_json", "plan_json", "spec_json",
+           "model_json", "segment_json", "units_json", "layout_json", "add_json_option"]
 
 SCHEMA_VERSION = 1
 
@@ -54,3 +57,38 @@ def plan_json(plan: Plan) -> dict[str, Any]:
             "dst_content_nbytes": plan.dst_content_nbytes,
             "src_ranks": list(plan.src_ranks), "nbytes": plan.nbytes,
             "reads": [read_json(r) for r in plan.reads]}
+
+
+def model_json(info: ModelInfo) -> dict[str, Any]:
+    """A model as `ModelInfo` names it (without its spec: see `spec_json`)."""
+    return {"name": info.name, "hf_id": info.hf_id, "family": info.family,
+            "model_type": info.model_type, "layer_kind": info.layer_kind,
+            "num_state_layers": info.num_state_layers, "num_layers": info.num_layers}
+
+
+def segment_json(segment: Segment) -> dict[str, Any]:
+    """A `Segment`: byte range `[offset, offset + nbytes)` of the page, and its units
+    `[unit_start, unit_stop)` (half-open, like `UnitRange`); `row` is null except in SD."""
+    return {"name": segment.name, "offset": segment.offset, "nbytes": segment.nbytes,
+            "unit_start": segment.unit_start, "unit_stop": segment.unit_stop, "row": segment.row}
+
+
+def units_json(units: UnitRange) -> dict[str, Any]:
+    """A `UnitRange`: the units `[start, stop)` of one part a rank holds."""
+    return {"part": units.part, "start": units.start, "stop": units.stop,
+            "replicated": units.replicated}
+
+
+def layout_json(layout: PageLayout) -> dict[str, Any]:
+    """A rank's `PageLayout`: sizes, segments in page order, and its units per part."""
+    return {"tp": layout.tp, "rank": layout.rank, "conv_nbytes": layout.conv_nbytes,
+            "temporal_nbytes": layout.temporal_nbytes, "content_nbytes": layout.content_nbytes,
+            "segments": [segment_json(s) for s in layout.segments],
+            "units": [units_json(u) for u in layout.units]}
+
+
+def add_json_option(parser: Any, command: str) -> None:
+    """The `--json` flag of a subcommand, named after its schema."""
+    parser.add_argument("--json", action="store_true",
+                        help=f"print one JSON document (schema ssm-split/{command}, version "
+                             f"{SCHEMA_VERSION}; docs/cli.md) instead of the tables")

@@ -2,6 +2,7 @@
 
 - `rank_units` / `sharded_shapes` / `sub_projection_widths`: which heads, groups or
   channels a rank of `tp` holds (the logical index map, replication included);
+  `valid_tp_sizes`: every TP size a spec can be sharded on;
 - `page_layout`: the byte segments of one rank's page (`PageLayout`, `Segment`);
 - `RegionSet` (`LayerRegion`, `Buffer`): where an engine's pages are in memory, per layer
   and block, on each side of a transfer;
@@ -15,6 +16,7 @@ from ._layout import rank_units as rank_units
 from ._layout import page_layout as page_layout
 from ._layout import sharded_shapes as sharded_shapes
 from ._layout import sub_projection_widths as sub_projection_widths
+from ._layout import valid_tp_sizes as valid_tp_sizes
 from ._regions import Buffer as Buffer
 from ._regions import LayerRegion as LayerRegion
 from ._regions import RegionSet as RegionSet
@@ -28,6 +30,7 @@ __all__ = [
     "page_layout",
     "sharded_shapes",
     "sub_projection_widths",
+    "valid_tp_sizes",
     "Buffer",
     "LayerRegion",
     "RegionSet",

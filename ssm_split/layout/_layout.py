@@ -19,13 +19,15 @@ each conv part is `rows` separate ranges.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 from ..errors import ShardingError
 from ..specs._spec import Part, Spec, check_is_spec
 
-__all__ = ["UnitRange", "Segment", "PageLayout", "rank_units", "page_layout", "sharded_shapes"]
+__all__ = ["UnitRange", "Segment", "PageLayout", "rank_units", "page_layout", "sharded_shapes",
+           "valid_tp_sizes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,27 @@ class PageLayout:
         return tuple(s for s in self.segments if s.offset < end and offset < s.end)
 
 
+def _part_fits(part: Part, tp: int) -> bool:
+    return part.num_units % tp == 0 or (part.replicable and tp % part.num_units == 0)
+
+
+def valid_tp_sizes(spec: Spec) -> tuple[int, ...]:
+    """Every TP size `spec` can be sharded on, ascending.
+
+    A non-replicable part (heads of x, V or the temporal state, channels) only splits on
+    divisors of its unit count, so the list is finite. Only replicable parts (B/C groups,
+    Q/K key heads; never the sole part of a family) would allow any multiple.
+
+    Example: Qwen3.5-4B (16 key heads, 32 value heads) gives `(1, 2, 4, 8, 16, 32)`.
+    """
+    check_is_spec(spec)
+    fixed = [p.num_units for p in spec.parts if not p.replicable]
+    bound = math.gcd(*fixed) if fixed else max(p.num_units for p in spec.parts)
+    small = [d for d in range(1, math.isqrt(bound) + 1) if bound % d == 0]
+    divisors = sorted({*small, *(bound // d for d in small)})
+    return tuple(tp for tp in divisors if all(_part_fits(p, tp) for p in spec.parts))
+
+
 def _shard_error(spec: Spec, part: Part, tp: int) -> ShardingError:
     rule = (
         f"either {part.num_units} % tp == 0, or tp % {part.num_units} == 0 (each rank then "
@@ -121,13 +144,10 @@ def _shard_error(spec: Spec, part: Part, tp: int) -> ShardingError:
         if part.replicable
         else f"{part.num_units} % tp == 0"
     )
-    divisors = [d for d in range(1, part.num_units + 1) if part.num_units % d == 0]
     return ShardingError(
         f"Cannot shard `{part.name}` of {spec!r} on tp={tp}: it has {part.num_units} "
         f"{part.unit_name}, and sharding by whole {part.unit_name} needs {rule}. "
-        f"Pick a TP size from {divisors}"
-        + (" or a multiple of it" if part.replicable else "")
-        + "."
+        f"Pick a TP size from {list(valid_tp_sizes(spec))}."
     )
 
 

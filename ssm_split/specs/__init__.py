@@ -4,6 +4,7 @@
     spec = ssm_split.specs.model("granite-4.0-h-tiny")     # or Mamba2Spec(...), GDNSpec(...)
     info = ssm_split.specs.preset_info("qwen3.5-27b")       # spec + layer count + HF id
     spec = ssm_split.specs.from_hf_config(config_dict)
+    info = ssm_split.specs.resolve_model("qwen3.5-27b")     # or a config.json path, or its dir
 
 Specs never know about ranks or bytes; the next stage (`ssm_split.layout`) does.
 """
@@ -22,6 +23,7 @@ from ._presets import model as model
 from ._presets import models as models
 from ._presets import preset_info as preset_info
 from ._presets import model_info_from_hf_config as model_info_from_hf_config
+from ._presets import resolve_model as resolve_model
 from ._hf_config import from_hf_config as from_hf_config
 
 __all__ = [
@@ -39,5 +41,6 @@ __all__ = [
     "models",
     "preset_info",
     "model_info_from_hf_config",
+    "resolve_model",
     "from_hf_config",
 ]

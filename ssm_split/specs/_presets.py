@@ -6,6 +6,9 @@ Each preset is one file `ssm_split/specs/data/<name>.json`: the config fields it
 values come from, and whether they were read from the real file or reconstructed).
 Nothing is fetched at run time: the files ship as package data.
 
+`resolve_model` reads what a command line's MODEL argument may be: a preset name, a
+preset's Hugging Face id, a config.json path or its directory.
+
 Names are the lowercase model name without organisation and without -Instruct/-Base
 (`qwen3.5-27b`, `nemotron-h-8b`, `granite-4.0-h-tiny`, ...).
 
@@ -21,6 +24,7 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
@@ -28,7 +32,8 @@ from ..errors import SpecError
 from ._hf_config import ParsedConfig, parse_hf_config
 from ._spec import Spec
 
-__all__ = ["ModelInfo", "models", "model", "preset_info", "model_info_from_hf_config"]
+__all__ = ["ModelInfo", "models", "model", "preset_info", "model_info_from_hf_config",
+           "resolve_model", "FORMS_HINT"]
 
 _SUFFIXES = ("-instruct", "-base", "-hf")
 
@@ -101,7 +106,16 @@ def models() -> tuple[str, ...]:
     return tuple(info.name for info in _registry()[0])
 
 
-def _resolve(name: object) -> ModelInfo:
+_API_HINT = ("A preset may also be named by its Hugging Face id (e.g. 'Qwen/Qwen3.5-27B'); "
+             "for another model, pass its config.json to `ssm_split.from_hf_config`.")
+
+FORMS_HINT = ("Name a preset (`ssm-split models` lists them) or its Hugging Face id (e.g. "
+              "'Qwen/Qwen3.5-27B'), or give the path of a model's config.json or of the "
+              "directory holding it.")
+"""What a MODEL argument may be: the same wherever a command or `resolve_model` takes one."""
+
+
+def _resolve(name: object, hint: str = _API_HINT) -> ModelInfo:
     infos, lookup = _registry()
     if not isinstance(name, str):
         raise SpecError(f"A model name must be a str, got {type(name).__name__} {name!r}.")
@@ -112,12 +126,53 @@ def _resolve(name: object) -> ModelInfo:
             short = short[: short.rindex("-")]
         key = short
     if key not in lookup:
-        raise SpecError(
-            f"Unknown model {name!r}. Known presets: {', '.join(models())}. A preset may also "
-            f"be named by its Hugging Face id (e.g. 'Qwen/Qwen3.5-27B'); for another model, "
-            f"pass its config.json to `ssm_split.from_hf_config`."
-        )
+        raise SpecError(f"Unknown model {name!r}. Known presets: {', '.join(models())}. {hint}")
     return next(info for info in infos if info.name == lookup[key])
+
+
+def resolve_model(text: str) -> ModelInfo:
+    """The model a command-line MODEL argument names, in any of its four forms.
+
+    Args:
+        text: a preset name (`"qwen3.5-27b"`), a Hugging Face id of a preset
+            (`"Qwen/Qwen3.5-27B"`, case-insensitive, -Instruct/-Base ignored), the path of
+            a `config.json` (any file name ending in `.json`), or the path of a directory
+            holding a `config.json`.
+
+    Returns:
+        The preset's `ModelInfo`, or one built from the config file with
+        `model_info_from_hf_config` (its name is the path given).
+
+    Raises:
+        SpecError: an unknown name, a directory without `config.json`, a file that cannot
+            be read or parsed, or a config of an unsupported architecture. Every message
+            says which forms are accepted.
+
+    This is the only function of the pure core that reads a file the caller names; it
+    reads nothing else (no environment, no network).
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise SpecError(f"A model must be a non-empty str, got {text!r}. {FORMS_HINT}")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SpecError(f"The directory {text!r} has no config.json. Pass the directory "
+                            f"that holds the model's config.json, the file itself, or a preset "
+                            f"name (`ssm-split models` lists them).")
+        path = path / "config.json"
+    elif not (path.is_file() or text.endswith(".json")):
+        return _resolve(text, FORMS_HINT)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise SpecError(f"Cannot read the model config {str(path)!r}: {reason}. Pass a "
+                        f"readable config.json (or its directory), or a preset name from "
+                        f"`ssm-split models`.") from None
+    if not isinstance(config, dict):
+        raise SpecError(f"The model config {str(path)!r} holds a JSON {type(config).__name__}, "
+                        f"not an object: pass a Hugging Face config.json.")
+    return model_info_from_hf_config(config, name=str(path))
 
 
 def model(name: str) -> Spec:

@@ -12,6 +12,7 @@ from importlib import resources
 import pytest
 
 from ssm_split import model, models, page_layout
+from ssm_split.layout import rank_units
 from ssm_split.specs import preset_info
 from ssm_split.cli._main import main
 
@@ -29,7 +30,8 @@ def table_rows(text: str, first_header: str) -> list[list[str]]:
                  if line.startswith(first_header) and lines[i + 1].startswith("---"))
     rows = []
     for line in lines[start + 2:]:  # skip the header and its rule
-        if not line.strip() or line.startswith(("conv ", "|")) or re.match(r"\d+ reads, ", line):
+        if not line.strip() or line.startswith(("conv ", "|", "units and bytes", "* ")) \
+                or re.match(r"\d+ reads, ", line):
             break  # the table ends at a blank line or its footer
         rows.append(line.split())
     return rows
@@ -64,11 +66,11 @@ def test_layout_qwen35_27b_tp8(capsys):
     rc, out, err = run(capsys, "layout", "qwen3.5-27b", "--tp", "8")
     assert rc == 0 and err == ""
     assert "Qwen/Qwen3.5-27B" in out and "48 of 64 layers" in out
-    rows = table_rows(out, "segment")
+    rows = table_rows(out, "segment")  # segment, [units), [bytes), nbytes, size
     # per rank: Q and K 256 channels, V 768 channels, 3 rows of bf16; 6 fp32 heads of 128x128
-    assert [(r[0], int(r[2]), int(r[4])) for r in rows] == [
-        ("conv.Q", 0, 256 * 3 * 2), ("conv.K", 1536, 256 * 3 * 2),
-        ("conv.V", 3072, 768 * 3 * 2), ("temporal", 7680, 6 * 128 * 128 * 4)]
+    assert [(r[0], r[3], int(r[5])) for r in rows] == [
+        ("conv.Q", "[0,", 256 * 3 * 2), ("conv.K", "[1536,", 256 * 3 * 2),
+        ("conv.V", "[3072,", 768 * 3 * 2), ("temporal", "[7680,", 6 * 128 * 128 * 4)]
     assert "rank 0 of tp=8" in out
     assert re.search(r"^\|Q +\|K +\|V +\|-+temporal-+\|$", out, re.M)
 
@@ -76,8 +78,9 @@ def test_layout_qwen35_27b_tp8(capsys):
 def test_layout_rank_and_all_ranks(capsys):
     rc, out, _ = run(capsys, "layout", "qwen3.5-27b", "--tp", "8", "--rank", "5")
     assert rc == 0 and "rank 5 of tp=8" in out and "rank 0 of" not in out
-    # value heads 30..35 of 48 live on rank 5
-    assert [r[1] for r in table_rows(out, "segment")] == ["10..11", "10..11", "30..35", "30..35"]
+    # value heads 30 to 35 of 48 live on rank 5: units [30, 36), half-open like UnitRange
+    assert [" ".join(r[1:3]) for r in table_rows(out, "segment")] == [
+        "[10, 12)", "[10, 12)", "[30, 36)", "[30, 36)"]
     rc, out, _ = run(capsys, "layout", "granite-4.0-h-tiny", "--tp", "4", "--all-ranks")
     assert rc == 0
     assert re.findall(r"page of rank (\d) of tp=4", out) == ["0", "1", "2", "3"]
@@ -92,7 +95,7 @@ def test_layout_sd_and_spec_tokens(capsys):
     rc, _, err = run(capsys, "layout", "minimax-text-01", "--tp", "1", "--conv-layout", "SD")
     assert rc == 2 and "no conv state" in err
     rc, _, err = run(capsys, "layout", "nemotron-h-8b", "--tp", "1", "--spec-tokens", "-1")
-    assert rc == 2 and "spec_tokens" in err
+    assert rc == 2 and "--spec-tokens: must be >= 0, got -1" in err
 
 
 def test_plan_falcon_h1_7b_4_to_6(capsys):
@@ -175,3 +178,49 @@ def test_python_dash_m_models():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "qwen3.5-27b" in result.stdout and "Qwen/Qwen3.5-27B" in result.stdout
+
+
+@pytest.mark.parametrize("name, tp", [("granite-4.0-h-tiny", 4), ("qwen3.5-27b", 16),
+                                      ("nemotron-h-8b", 16)])
+def test_layout_unit_ranges_are_half_open_like_rank_units(capsys, name, tp):
+    """issue 15: `layout` printed inclusive "0..7" where `UnitRange` is `[0, 8)`."""
+    rc, out, _ = run(capsys, "layout", name, "--tp", str(tp), "--all-ranks")
+    assert rc == 0 and "units and bytes are half-open ranges [start, stop)" in out
+    pages = out.split("page of rank ")[1:]
+    assert len(pages) == tp
+    spec = model(name)
+    for rank, page in enumerate(pages):
+        units = {u.part: u for u in rank_units(spec, tp, rank)}
+        rows = table_rows(page, "segment")
+        shown = [(row[0], " ".join(row[1:3])) for row in rows]
+        want = [(part, f"[{u.start}, {u.stop})" + ("*" if u.replicated else ""))
+                for part, u in units.items()]
+        assert shown == want
+        assert ("* replicated" in page) == any(u.replicated for u in units.values())
+
+
+@pytest.fixture
+def nemotron_dir(tmp_path):
+    text = resources.files("ssm_split.specs").joinpath("data", "nemotron-h-8b.json").read_text("utf-8")
+    config = {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_every_command_accepts_the_four_model_forms(capsys, nemotron_dir):
+    """issue 15: a preset name, an HF id, a config.json and its directory, everywhere."""
+    forms = ["nemotron-h-8b", "nvidia/Nemotron-H-8B-Base-8K", str(nemotron_dir / "config.json"),
+             str(nemotron_dir)]
+    specs = set()
+    for form in forms:
+        rc, out, err = run(capsys, "layout", form, "--tp", "2", "--json")
+        assert rc == 0, err
+        specs.add(json.dumps(json.loads(out)["spec"]))
+        rc, out, err = run(capsys, "plan", form, "--src-tp", "1", "--dst-tp", "2", "--json")
+        assert rc == 0 and json.loads(out)["plans"][0]["reads"], err
+        # demo and vllm-check resolve the model before refusing what does not fit it
+        rc, _, err = run(capsys, "demo", "--model", form, "--layers", "25")
+        assert rc == 2 and "has 24 state layers" in err
+        rc, _, err = run(capsys, "vllm-check", form, "--src-tp", "1", "--dst-tp", "3")
+        assert rc == 2 and "Cannot shard" in err and "num_groups=8" in err
+    assert len(specs) == 1
