@@ -1,286 +1,246 @@
-"""One rank of `ssm-split bench`: a process that owns state memory and, on the dst side,
-executes strategies as NIXL READs, verifies and times them.
+"""The processes of `ssm-split bench`: one per src rank, one per dst rank, each on its GPU.
 
-The coordinator (`bench/_run.py`) talks to each rank over a pipe: `(command, args)` in, one
-reply out. This module holds the rank's set-up, agent, posting and waiting, and the
-direct strategies (`baseline`: vLLM's descriptor pattern; `ssm_split`: the expanded
-plan); `bench/_staged.py` and `bench/_packed.py` hold the other strategies, and
-`bench/_common.py` the memory and page contents.
+A src rank fills its pages, opens an `Endpoint` (with its pack area) and serves its
+handshake; it also offers a plain buffer through a bare NIXL agent, which the dst reads
+with one descriptor to measure the transport's own ceiling. A dst rank opens an
+`Endpoint` and, per strategy, a `Reader`: it connects, warms up, reads the batch once
+into poisoned pages and checks every byte, then answers "run" commands, each one
+`Reader.read` of the batch timed from a barrier shared by all dst ranks. Nothing here
+moves state except the library's own `Endpoint` and `Reader`.
+
+Commands (pipe, `(name, args)` in, `("ok", value)` or `("error", text)` out): src:
+"stop"; dst: "copy_limit", "ceiling", "prepare", "run", "release", "stop".
 """
 
 from __future__ import annotations
 
+import os
+import statistics
+import sys
 import time
 import traceback
 
 import numpy as np
 
-from ..strategies._cost import CostModel
-from ..expand._expand import expand_plan
-from . import _packed as packed
-from . import _staged as staged
-from ._common import Memory, num_regions, page_keys, plan_for, regions, template_pages
+from ._common import Memory, copy_limit_s, page_keys, per_layer_regions, template_pages
+
+SRC_PAD, DST_PAD = 0xA7, 0x5A
 
 
-class Prepared:
-    """Everything one strategy needs for one batch, built before timing."""
-
-    def __init__(self):
-        self.direct: list[tuple[int, object, object, np.ndarray]] = []  # (src_rank, local_h, remote_h, idx)
-        self.waves: list[list[tuple[int, object, object, np.ndarray]]] = []
-        self.tables: list[object] = []
-        self.stats: dict = {}
+def _setup_process(device: str) -> None:
+    sys.stdout.flush()
+    os.dup2(2, 1)  # NIXL and UCX log to stdout; the parent's stdout is the report's
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+    if device == "cuda":
+        os.environ.setdefault("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")
 
 
-class Rank:
-    """State and NIXL agent of one rank; `handle(command, args)` serves the coordinator."""
-
-    def __init__(self, role: str, rank: int, cfg: dict):
-        self.role, self.rank, self.cfg = role, rank, cfg
-        self.mem = Memory(cfg["device"])
-        self.agent = None
-        self.threads = None
-        self.remotes: dict[int, str] = {}
-        self.prepared: Prepared | None = None
-        self.staging = None
-        self.pairs = np.zeros((0, 2), np.int64)
-
-    # --- set-up ----------------------------------------------------------------------
-    def setup(self, src_info=None):
-        cfg = self.cfg
-        tp = cfg["src_tp"] if self.role == "src" else cfg["dst_tp"]
-        template = template_pages(cfg["spec"], tp, cfg["layers"], cfg["layout"], cfg["seed"])[self.rank]
-        page = cfg[f"{self.role}_page_nbytes"]
-        self.content_words = len(template) // 2
-        padded = np.full(page, 0xA7 if self.role == "src" else 0x5A, dtype=np.uint8)
-        padded[:len(template)] = template
-        keys = page_keys(cfg["layers"], cfg["num_blocks"])
-        if cfg["layout"] == "stacked":
-            keys = keys[:1]
-        self.template = self.mem.put(padded)
-        self.keys = [self.mem.put(k) for k in keys]
-        self.buffers = [self.mem.zeros(cfg["num_blocks"], page) for _ in range(num_regions(cfg))]
-        for i, buf in enumerate(self.buffers):
-            if self.role == "src":
-                self.mem.fill(buf, self.template, self.keys[i])
-            else:
-                self.mem.poison(buf)
-        self.mem.sync()
-        if self.mem.cuda:
-            self.mem.torch.cuda.empty_cache()
-        self.addrs = [self.mem.addr(b) for b in self.buffers]
-        if self.role == "src":
-            self.agent = self._make_agent(0)
-            pack = cfg.get("pack_nbytes", 0)
-            self.pack = self.mem.zeros(1, pack).reshape(-1) if pack else None
-            self._register(self.buffers + ([self.pack] if pack else []))
-            return (self.agent.get_agent_metadata(), self.addrs, self.mem.dev_id,
-                    self.mem.addr(self.pack) if pack else 0)
-        self.src_info = src_info
-        return True
-
-    def _make_agent(self, threads: int):
-        from ..nixl_backend._nixl import make_agent
-
-        return make_agent(f"bench-{self.role}{self.rank}-t{threads}-{time.monotonic_ns()}", num_threads=threads)
-
-    def _register(self, buffers) -> None:
-        rows = np.array([[self.mem.addr(b), self.mem.nbytes(b), self.mem.dev_id] for b in buffers], dtype=np.uint64)
-        self.agent.register_memory(self.agent.get_reg_descs(rows, self.mem.mem_type))
-
-    def use_threads(self, threads: int) -> None:
-        """A fresh agent with `threads` UCX threads (unless the current one has them)."""
-        if self.threads == threads:
+def _serve(conn, handle) -> None:
+    """Answer commands until "stop" (or the parent is gone)."""
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
             return
-        self.release()
-        if self.agent is not None:
-            for name in self.remotes.values():
-                self.agent.remove_remote_agent(name)
-            del self.agent
-        self.agent = self._make_agent(threads)
-        self.threads = threads
-        self._register(self.buffers + ([self.staging] if self.staging is not None else []))
-        self.remotes = {r: self.agent.add_remote_agent(info[0]) for r, info in enumerate(self.src_info)}
+        if message is None or message[0] == "stop":
+            return
+        name, args = message
+        try:
+            conn.send(("ok", handle(name, args)))
+        except Exception:  # the parent shows it; the rank stays usable
+            conn.send(("error", traceback.format_exc()))
 
-    def ensure_staging(self, nbytes: int) -> None:
-        """Allocate the staging buffer once (before any agent registers memory)."""
-        if nbytes and self.staging is None:
-            self.staging = self.mem.zeros(1, nbytes).reshape(-1)
 
-    # --- direct strategies -----------------------------------------------------------
-    def src_regions(self):
+def _pages(cfg: dict, mem: Memory, side: str, rank: int):
+    tp = cfg[f"{side}_tp"]
+    page = cfg[f"{side}_page_nbytes"]
+    content = template_pages(cfg["spec"], tp, cfg["seed"])[rank]
+    padded = np.full(page, SRC_PAD if side == "src" else DST_PAD, dtype=np.uint8)
+    padded[:content.size] = content
+    template, keys = mem.put(padded), mem.put(page_keys(cfg["layers"], cfg["num_blocks"]))
+    buffers = [mem.zeros(cfg["num_blocks"], page) for _ in range(cfg["layers"])]
+    for layer, buf in enumerate(buffers):
+        if side == "src":
+            mem.fill(buf, template, keys[layer])
+        else:
+            mem.poison(buf)
+    mem.sync()
+    regions = per_layer_regions([mem.addr(b) for b in buffers], cfg["num_blocks"], page, mem.index)
+    return buffers, regions, template, keys, content.size // 2
+
+
+def _bare_agent(name: str, mem: Memory, nbytes: int):
+    """A NIXL agent with the UCX settings of an endpoint of this memory, and a registered
+    buffer of `nbytes` (the transport ceiling's src or dst)."""
+    from ..nixl_backend._endpoint import VRAM_NUM_THREADS, VRAM_SPLIT_BATCH_SIZE
+    from ..nixl_backend._nixl import make_agent
+
+    threads = VRAM_NUM_THREADS if mem.cuda else 0
+    params = {"split_batch_size": str(VRAM_SPLIT_BATCH_SIZE)} if threads else {}
+    agent = make_agent(f"{name}-{os.getpid()}", num_threads=threads, ucx_params=params)
+    buf = mem.zeros(1, nbytes).reshape(-1)
+    table = np.array([[mem.addr(buf), nbytes, mem.index]], dtype=np.uint64)
+    agent.register_memory(agent.get_reg_descs(table, mem.mem_type))
+    return agent, buf
+
+
+def src_main(cfg: dict, rank: int, device: int, conn) -> None:
+    _setup_process(cfg["device"])
+    try:
+        from ..nixl_backend import Endpoint
+
+        mem = Memory(cfg["device"], device)
+        buffers, regions, _, _, _ = _pages(cfg, mem, "src", rank)
+        endpoint = Endpoint(cfg["spec"], tp=cfg["src_tp"], rank=rank, regions=regions, memory=buffers,
+                            pack_area_nbytes=cfg["pack_nbytes"], name=f"bench-src{rank}-{os.getpid()}")
+        address = endpoint.serve()
+        agent, ceiling = _bare_agent("bench-ceiling-src", mem, cfg["ceiling_nbytes"])
+        conn.send(("ok", {"address": address, "device": mem.index, "ipc": endpoint.ipc_unavailable,
+                          "ceiling": (agent.get_agent_metadata(), mem.addr(ceiling), mem.index)}))
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+        return
+
+    def handle(name, args):
+        raise ValueError(f"a src rank has no command {name!r}")
+
+    while not conn.poll(0.05):  # drain read-done notifications while readers read
+        endpoint.poll_notifications()
+    _serve(conn, handle)
+    endpoint.close()
+
+
+class _Dst:
+    """One dst rank: its pages, endpoint and the reader of the strategy under test."""
+
+    def __init__(self, cfg: dict, rank: int, device: int, barrier):
+        from ..nixl_backend import Endpoint
+
+        self.cfg, self.rank, self.barrier = cfg, rank, barrier
+        self.mem = Memory(cfg["device"], device)
+        self.buffers, self.regions, self.template, self.keys, self.content_words = _pages(cfg, self.mem, "dst", rank)
+        self.endpoint = Endpoint(cfg["spec"], tp=cfg["dst_tp"], rank=rank, regions=self.regions,
+                                 memory=self.buffers, pack_area_nbytes=0, name=f"bench-dst{rank}-{os.getpid()}")
+        self._vllm_endpoint = None
+        self.reader = None
+        self.pairs = None
+
+    def vllm_endpoint(self):
+        """The endpoint vLLM's pattern runs on: the same pages, with vLLM's UCX settings
+        (4 worker threads, UCX's default split of 1024 descriptors)."""
+        from ..nixl_backend import Endpoint
+
+        if self._vllm_endpoint is None:
+            self._vllm_endpoint = Endpoint(self.cfg["spec"], tp=self.cfg["dst_tp"], rank=self.rank,
+                                           regions=self.regions, memory=self.buffers, pack_area_nbytes=0,
+                                           peer_access=False, ucx_params={"split_batch_size": "1024"},
+                                           name=f"bench-vllm{self.rank}-{os.getpid()}")
+        return self._vllm_endpoint
+
+    def handle(self, name: str, args: dict):
+        return getattr(self, f"_{name}")(**args)
+
+    def _copy_limit(self, nbytes: int, src_device: int) -> float:
+        return copy_limit_s(self.cfg["device"], src_device, self.mem.index, nbytes)
+
+    def _ceiling(self, metadata: bytes, addr: int, device: int, nbytes: int, splits=(1, 4)) -> dict:
+        agent, buf = _bare_agent("bench-ceiling-dst", self.mem, nbytes)
+        remote = agent.add_remote_agent(metadata)
+        out = {}
+        for parts in splits:
+            step = nbytes // parts
+            local = np.array([[self.mem.addr(buf) + i * step, step, self.mem.index] for i in range(parts)], np.uint64)
+            far = np.array([[addr + i * step, step, device] for i in range(parts)], np.uint64)
+            lh = agent.prep_xfer_dlist("NIXL_INIT_AGENT", local, self.mem.mem_type)
+            rh = agent.prep_xfer_dlist(remote, far, self.mem.mem_type)
+            index = np.arange(parts, dtype=np.int32)
+            times = []
+            for i in range(7):
+                handle = agent.make_prepped_xfer("READ", lh, index, rh, index)
+                t0 = time.perf_counter()
+                state = agent.transfer(handle)
+                while state != "DONE":
+                    if state == "ERR":
+                        raise RuntimeError("the ceiling READ failed")
+                    state = agent.check_xfer_state(handle)
+                if i >= 2:
+                    times.append(time.perf_counter() - t0)
+                agent.release_xfer_handle(handle)
+            agent.release_dlist_handle(lh)
+            agent.release_dlist_handle(rh)
+            out[parts] = statistics.median(times)
+        agent.remove_remote_agent(remote)
+        return out
+
+    def _prepare(self, strategy: str, addresses, pairs) -> dict:
+        from ..errors import PlanError
+        from ..nixl_backend import Reader
+        from ..strategies._baseline import baseline_plan
+
+        self._release()
         cfg = self.cfg
-        return [regions(info[1], cfg["num_blocks"], cfg["src_page_nbytes"], info[2]) for info in self.src_info]
-
-    def dst_regions(self):
-        return regions(self.addrs, self.cfg["num_blocks"], self.cfg["dst_page_nbytes"], self.mem.dev_id)
-
-    def new_prepared(self) -> Prepared:
-        return Prepared()
-
-    def prep_lists(self, rank_desc) -> tuple:
-        """Both lists of one src rank's `(M, 3)` descriptors, prepared for one READ."""
-        agent, mem_type = self.agent, self.mem.mem_type
-        local = agent.prep_xfer_dlist("NIXL_INIT_AGENT", agent.get_xfer_descs(
-            np.ascontiguousarray(rank_desc.dst_descs), mem_type), mem_type)
-        remote = agent.prep_xfer_dlist(self.remotes[rank_desc.src_rank], agent.get_xfer_descs(
-            np.ascontiguousarray(rank_desc.src_descs), mem_type), mem_type)
-        return rank_desc.src_rank, local, remote, np.arange(rank_desc.num_descriptors, dtype=np.int32)
-
-    def prepare(self, name: str, threads: int, pairs: np.ndarray, model: dict | None, staging_cap: int):
-        t_start = time.perf_counter()
-        self.use_threads(threads)
-        self.release()
-        cfg = self.cfg
-        plan = plan_for(name, cfg, self.rank, CostModel(**model) if model else None)
-        layers = None if cfg["layout"] == "per-layer" else [0]
-        num_layers = num_regions(cfg)
-        prep = Prepared()
-        src_regions, dst_regions = self.src_regions(), self.dst_regions()
-        is_staged = name == "staged"
-        direct = plan.direct_plan() if is_staged else plan
-        descriptors = requests = staging_used = 0
-        if direct.reads:
-            exp = expand_plan(direct, src_regions, dst_regions, pairs, layers=layers)
-            prep.direct = [self.prep_lists(r) for r in exp.ranks]
-            descriptors += exp.num_descriptors
-            requests += len(exp.ranks)
-        if is_staged and plan.spans:
-            d, r, staging_used = staged.stage_waves(self, plan, pairs, prep, src_regions, dst_regions,
-                                                    num_layers, staging_cap)
-            descriptors, requests = descriptors + d, requests + r
-        per_page = plan.plan.nbytes if is_staged else plan.nbytes
-        prep.stats.update(descriptors=descriptors, requests=requests,
-                          read_nbytes=(plan.read_nbytes_per_page if is_staged else plan.nbytes) * num_layers * len(pairs),
-                          nbytes=per_page * num_layers * len(pairs),
-                          gathered_nbytes=(plan.gathered_nbytes_per_page * num_layers * len(pairs)) if is_staged else 0,
-                          staging_nbytes=staging_used, waves=len(prep.waves), prep_s=time.perf_counter() - t_start)
-        self.prepared = prep
-        return prep.stats
-
-    # --- running ---------------------------------------------------------------------
-    def post(self, items, handles) -> None:
-        for src_rank, local, remote, idx in items:
-            h = self.agent.make_prepped_xfer("READ", local, idx, remote, idx)
-            state = self.agent.transfer(h)
-            if state == "ERR":
-                raise RuntimeError(f"READ from src rank {src_rank} failed at post")
-            handles.append(h)
-
-    def wait(self, handles, deadline: float) -> None:
-        pending = list(handles)
-        while pending:
-            still = []
-            for h in pending:
-                state = self.agent.check_xfer_state(h)
-                if state == "ERR":
-                    raise RuntimeError("READ failed")
-                if state != "DONE":
-                    still.append(h)
-            pending = still
-            if pending and time.perf_counter() > deadline:
-                raise TimeoutError("READ did not complete in time")
-        for h in handles:
-            self.agent.release_xfer_handle(h)
-
-    def run_once(self, barrier=None) -> tuple[float, float]:
-        """Execute the prepared strategy; returns (start, end) on the shared monotonic clock."""
-        prep = self.prepared
-        self.mem.sync()
-        if barrier is not None:
-            barrier.wait()
-        t0 = time.perf_counter()
-        deadline = t0 + 60.0
-        direct: list = []
-        self.post(prep.direct, direct)
-        events = []
-        n = len(prep.waves)
-        wave_handles: list[list] = [[] for _ in range(n)]
-        if n:
-            self.post(prep.waves[0], wave_handles[0])
-        for w in range(n):
-            if w + 1 < n:
-                if w >= 1 and events:
-                    events[w - 1].synchronize() if self.mem.cuda else None
-                self.post(prep.waves[w + 1], wave_handles[w + 1])
-            self.wait(wave_handles[w], deadline)
-            self.mem.gather(prep.tables[w])
-            if self.mem.cuda:
-                ev = self.mem.torch.cuda.Event()
-                ev.record()
-                events.append(ev)
-        self.wait(direct, deadline)
-        self.mem.sync()
-        return t0, time.perf_counter()
-
-    def verify(self) -> bool:
-        self.poison_all()
-        self.run_once()
-        return self.check_all()
-
-    def poison_all(self) -> bool:
+        if strategy == "baseline":
+            try:
+                plan = baseline_plan(cfg["spec"], cfg["src_tp"], cfg["dst_tp"], self.rank)
+            except PlanError as error:  # vLLM's offsets leave the pages (replicated groups)
+                return {"verified": False, "skipped": f"vLLM's pattern cannot run here: {error}",
+                        "strategy_run": "-", "descriptors": 0, "waves": 0, "nbytes": 0, "transfers": 0,
+                        "why_not": {}}
+            self.reader = Reader(self.vllm_endpoint(), strategy="direct", prepare="once", plan=plan)
+        else:
+            self.reader = Reader(self.endpoint, strategy=strategy, staging_nbytes=cfg["staging_nbytes"])
+        for address in addresses:
+            self.reader.connect_to(*address)
+        for rank in [r for r in list(self.reader.peers) if r not in self.reader.plan.src_ranks]:
+            self.reader.disconnect(rank)
+        why_not = {k: v for k, v in self.reader.strategies().items() if v}
+        if strategy in why_not:
+            self._release()
+            return {"verified": False, "skipped": why_not[strategy], "strategy_run": "-", "descriptors": 0,
+                    "waves": 0, "nbytes": 0, "transfers": 0, "why_not": why_not}
+        self.reader.warm_up()
+        self.pairs = np.asarray(pairs, dtype=np.int64)
         for buf in self.buffers:
             self.mem.poison(buf)
         self.mem.sync()
-        return True
+        try:
+            stats = self.reader.read(self.pairs, f"verify-{strategy}-{self.rank}", timeout_s=120)
+        except PlanError as error:  # the strategy does not fit these sizes (e.g. staging)
+            self._release()
+            return {"verified": False, "skipped": str(error), "strategy_run": "-", "descriptors": 0,
+                    "waves": 0, "nbytes": 0, "transfers": 0, "why_not": why_not}
+        self.mem.sync()
+        verified = all(self.mem.check(buf, self.template, self.keys[layer], self.pairs, self.content_words)
+                       for layer, buf in enumerate(self.buffers))
+        return {"verified": bool(verified), "strategy_run": stats.strategy, "descriptors": stats.num_descriptors,
+                "waves": stats.num_waves, "nbytes": stats.nbytes, "transfers": stats.num_transfers,
+                "why_not": why_not, "skipped": None}
 
-    def check_all(self) -> bool:
-        return all(self.mem.check(buf, self.template, self.keys[i], self.pairs, self.content_words)
-                   for i, buf in enumerate(self.buffers))
+    def _run(self, request_id: str) -> tuple[float, float]:
+        self.barrier.wait()
+        t0 = time.perf_counter()
+        self.reader.read(self.pairs, request_id, timeout_s=120)
+        return t0, time.perf_counter()
 
-    def release(self) -> None:
-        prep, self.prepared = self.prepared, None
-        if prep is None or self.agent is None:
-            return
-        for items in [prep.direct] + prep.waves:
-            for _, local, remote, _ in items:
-                self.agent.release_dlist_handle(local)
-                self.agent.release_dlist_handle(remote)
+    def _release(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
 
-    # --- dispatch --------------------------------------------------------------------
-    def handle(self, command: str, args: dict):
-        pairs = None
-        if "pairs" in args:
-            pairs = np.asarray(args["pairs"], dtype=np.int64)
-            if command != "pack_prepare":  # the src packs; the pairs checked are the dst's
-                self.pairs = pairs
-        commands = {
-            "setup": lambda: self.setup(args.get("src_info")),
-            "copy_limit": lambda: [self.mem.copy_limit_s(n) for n in args["nbytes"]],
-            "staging": lambda: self.ensure_staging(args["nbytes"]),
-            "calibrate": lambda: staged.calibrate(self, args["threads"]),
-            "prepare": lambda: self.prepare(args["name"], args["threads"], pairs, args.get("model"),
-                                            args["staging_cap"]),
-            "verify": self.verify,
-            "pack_prepare": lambda: packed.pack_prepare(self, pairs, args["wave_pairs"]),
-            "pack_run": lambda: packed.pack_run(self, args["wave"]),
-            "prepare_packed": lambda: packed.prepare_packed(self, args["threads"], pairs, args["wave_pairs"]),
-            "run_wave": lambda: packed.run_wave(self, args["wave"]),
-            "poison": self.poison_all,
-            "check": self.check_all,
-            "run": lambda: self.run_once(args.get("barrier")),
-        }
-        if command not in commands:
-            raise ValueError(f"unknown command {command!r}")
-        return commands[command]()
+    def close(self) -> None:
+        self._release()
+        if self._vllm_endpoint is not None:
+            self._vllm_endpoint.close()
+        self.endpoint.close()
 
 
-def rank_main(role: str, rank: int, cfg: dict, conn, barrier) -> None:
-    """Process entry point: serve commands until `None` arrives."""
+def dst_main(cfg: dict, rank: int, device: int, conn, barrier) -> None:
+    _setup_process(cfg["device"])
     try:
-        worker = Rank(role, rank, cfg)
-        conn.send(("ok", None))
-        while True:
-            msg = conn.recv()
-            if msg is None:
-                break
-            command, args = msg
-            if command == "run" and args.get("concurrent"):
-                args = dict(args, barrier=barrier)
-            try:
-                conn.send(("ok", worker.handle(command, args)))
-            except Exception:  # report to the coordinator, keep serving
-                conn.send(("error", traceback.format_exc()))
-        worker.release()
+        dst = _Dst(cfg, rank, device, barrier)
+        conn.send(("ok", {"device": dst.mem.index}))
     except Exception:
         conn.send(("error", traceback.format_exc()))
+        return
+    _serve(conn, dst.handle)
+    dst.close()

@@ -1,21 +1,23 @@
-"""`ssm-split bench`: time transfer strategies on the same buffers, each verified first.
+"""`ssm-split bench`: time the library's own `Reader`/`Endpoint` on real NIXL transfers.
 
-For one preset model, layer count, (src_tp, dst_tp), layout and a list of batch sizes,
-it starts every src and dst rank as its own process (`bench/_rank.py`), fills the src
-pages, and for every batch (scattered block ids) measures:
+For one model, layer count, `(src_tp, dst_tp)` and list of batch sizes, it starts every
+src and dst rank as its own process on its own device (`bench/_rank.py`; src ranks on
+`src_devices`, dst ranks on `dst_devices`, round robin), and for every batch (scattered
+block ids) measures, in the same run:
 
-- `copy-limit`: a device-to-device copy of exactly the bytes the dst ranks need;
-- `baseline`: vLLM's descriptor pattern (`ssm_split.strategies.baseline_reads`), per-layer layout only;
-- `ssm_split`: the plan, expanded and merged (`expand_plan`), one READ per src rank;
-- `staged`: spans into a bounded staging buffer plus one gather kernel, with groups chosen
-  by a cost model fitted in the same run (`ssm_split.strategies.fit_cost_model`, `ssm_split.strategies.stage_plan`).
+- `copy limit`: torch's copy of exactly the bytes the dst ranks receive, from the first
+  src device to the first dst device (numpy's copy on the CPU);
+- `transport ceiling`: one NIXL READ of the same byte count (capped at 2 GiB) between bare
+  agents with the endpoints' UCX settings, the best of 1 and 4 descriptors;
+- each strategy: `Reader(strategy=...)` ("auto", "direct", "staged", "packed", "peer")
+  and "baseline", vLLM's descriptor pattern (`strategies.baseline_plan`) run by the same
+  `Reader` with vLLM's UCX settings. Each is read once into poisoned pages and checked
+  byte for byte (content, padding, untouched blocks) before it is timed; the time of a
+  batch is from the first dst rank's start to the last one's end, all dst ranks at once
+  (they start at a barrier), median of `repeats` after `warmup`.
 
-Every strategy is first run once on poisoned dst memory and checked byte for byte
-(content, padding, untouched blocks), then timed: warm-up runs, then the median of
-`--repeats`. `serial` times each dst rank alone and adds them up (one GPU holds all ranks:
-this is its full capacity, as `copy-limit` is); `concurrent` starts all dst ranks at a
-barrier and takes first post to last completion (on one GPU the dst processes then
-time-slice the device). It prints a table and can write JSON records and a PNG.
+Records (JSON) carry the fields docs/performance.md describes; `format_records` prints
+them as a table and `plot_records` draws them.
 """
 
 from __future__ import annotations
@@ -25,163 +27,127 @@ import multiprocessing as mp
 import os
 import platform
 import statistics
-import sys
-import time
+from dataclasses import dataclass
+from typing import Sequence
 
-from ._packed import replies, run_packed, send_all
+import numpy as np
 
-HELP = "time vLLM's descriptor pattern against ssm_split's strategies on real NIXL READs"
+from ..errors import SetupError
+from ..layout._layout import page_layout
+
+__all__ = ["BenchOptions", "run_bench", "format_records", "plot_records", "write_json", "STRATEGIES"]
+
+STRATEGIES = ("baseline", "auto", "direct", "staged", "packed", "peer")
 
 
-def add_arguments(p) -> None:
-    p.add_argument("--model", default="qwen3.5-27b", help="preset name (ssm-split models)")
-    p.add_argument("--layers", type=int, default=None, help="state layers (default: the model's)")
-    p.add_argument("--src-tp", type=int, default=1)
-    p.add_argument("--dst-tp", type=int, default=2)
-    p.add_argument("--batch", default="64", help="comma-separated batch sizes (requests)")
-    p.add_argument("--blocks", type=int, default=None, help="blocks per region (default 2 x largest batch)")
-    p.add_argument("--layout", choices=("per-layer", "stacked"), default="per-layer")
-    p.add_argument("--strategies", default=None,
-                   help="comma list of baseline, ssm_split, staged, packed (default: all but packed)")
-    p.add_argument("--threads", default="4", help="UCX num_threads for ssm_split strategies (comma list)")
-    p.add_argument("--baseline-threads", default="4", help="UCX num_threads for the baseline (comma list)")
-    p.add_argument("--staging-mib", type=int, default=1024, help="staging buffer bound per dst rank")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--mode", choices=("serial", "concurrent", "both"), default="both")
-    p.add_argument("--no-calibrate", action="store_true", help="use the default cost model")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="append records to this JSON file")
-    p.add_argument("--plot", default=None, help="write a PNG of time vs batch size")
+@dataclass(frozen=True)
+class BenchOptions:
+    """What one `ssm-split bench` run measures (the CLI validates the values)."""
+
+    model: str
+    spec: object
+    layers: int
+    src_tp: int
+    dst_tp: int
+    batches: tuple[int, ...]
+    num_blocks: int
+    strategies: tuple[str, ...]
+    device: str
+    src_devices: tuple[int, ...]
+    dst_devices: tuple[int, ...]
+    repeats: int = 5
+    warmup: int = 2
+    staging_nbytes: int = 512 << 20
+    pack_nbytes: int = 512 << 20
+    seed: int = 0
 
 
 def _align(n: int, to: int = 4096) -> int:
     return -(-n // to) * to
 
 
-def build_config(args) -> dict:
-    from ..specs import preset_info
-    from ..layout._layout import page_layout
-
-    info = preset_info(args.model)
-    layers = args.layers or info.num_state_layers
-    spec = info.spec
-    stacked = args.layout == "stacked"
-    scale = layers if stacked else 1
-    src_content = page_layout(spec, args.src_tp, 0).content_nbytes * scale
-    dst_contents = [page_layout(spec, args.dst_tp, r).content_nbytes * scale for r in range(args.dst_tp)]
-    batches = [int(b) for b in str(args.batch).split(",")]
-    strategies = args.strategies.split(",") if args.strategies else (
-        ["ssm_split", "staged"] if stacked else ["baseline", "ssm_split", "staged"])
-    runs = []
-    for name in strategies:
-        threads = args.baseline_threads if name == "baseline" else args.threads
-        runs += [(name, int(t)) for t in str(threads).split(",")]
-    return dict(model=args.model, spec=spec, layers=layers, src_tp=args.src_tp, dst_tp=args.dst_tp,
-                layout=args.layout, device=args.device, seed=args.seed, batches=batches,
-                num_blocks=args.blocks or 2 * max(batches), runs=runs,
-                src_page_nbytes=_align(src_content), dst_page_nbytes=_align(max(dst_contents)),
-                per_batch_nbytes=sum(dst_contents) * (1 if stacked else layers),
-                staging_nbytes=(args.staging_mib << 20) if {"staged", "packed"} & set(strategies) else 0,
-                pack_nbytes=(args.staging_mib << 20) if "packed" in strategies else 0)
+def _config(o: BenchOptions) -> dict:
+    dst_contents = [page_layout(o.spec, o.dst_tp, r).content_nbytes for r in range(o.dst_tp)]
+    per_request = sum(dst_contents) * o.layers
+    return dict(spec=o.spec, layers=o.layers, src_tp=o.src_tp, dst_tp=o.dst_tp, device=o.device, seed=o.seed,
+                num_blocks=o.num_blocks, src_page_nbytes=_align(page_layout(o.spec, o.src_tp, 0).content_nbytes),
+                dst_page_nbytes=_align(max(dst_contents)), staging_nbytes=o.staging_nbytes,
+                pack_nbytes=o.pack_nbytes, per_request_nbytes=per_request,
+                ceiling_nbytes=min(_align(max(dst_contents) * o.layers * max(o.batches)), 2 << 30))
 
 
-def _call(pipe, command, **args):
-    pipe.send((command, args))
-    status, value = pipe.recv()
-    if status != "ok":
-        raise RuntimeError(f"rank failed on {command}:\n{value}")
-    return value
-
-
-def _versions(device: str) -> dict:
-    out = {"python": platform.python_version(), "ucx_cuda_ipc_get_zcopy": os.environ.get("UCX_CUDA_IPC_ENABLE_GET_ZCOPY")}
-    from importlib import metadata
-
-    for dist in ("nixl", "nixl-cu13", "torch", "triton", "numpy", "ssm-split"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    if device == "cuda":
-        import torch
-
-        out["device"] = torch.cuda.get_device_name()
-    else:
-        out["device"] = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+def _call(pipes, name: str, args_of) -> list:
+    """Send `name` to every pipe (args per rank), then collect the answers in order."""
+    for rank, pipe in enumerate(pipes):
+        pipe.send((name, args_of(rank)))
+    out = []
+    for rank, pipe in enumerate(pipes):
+        status, value = pipe.recv()
+        if status != "ok":
+            raise RuntimeError(f"dst rank {rank} failed on {name}:\n{value}")
+        out.append(value)
     return out
 
 
-def _label(name: str, threads: int) -> str:
-    return f"{name}@t{threads}"
+def _start(ctx, target, args) -> tuple:
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=target, args=(*args, child), daemon=True)
+    proc.start()
+    status, value = parent.recv()
+    if status != "ok":
+        proc.join(5)
+        raise RuntimeError(value)
+    return proc, parent, value
 
 
-def run_config(args) -> list[dict]:
-    """Run one configuration; returns its JSON records."""
-    from ._rank import rank_main
+def run_bench(o: BenchOptions) -> list[dict]:
+    """Run every measurement (module doc); returns the records."""
+    from ._rank import src_main
 
-    os.environ.setdefault("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")
-    cfg = build_config(args)
+    cfg = _config(o)
     ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(cfg["dst_tp"])
-    procs, src_pipes, dst_pipes = [], [], []
-    for role, n, pipes in (("src", cfg["src_tp"], src_pipes), ("dst", cfg["dst_tp"], dst_pipes)):
-        for rank in range(n):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=rank_main, args=(role, rank, cfg, child, barrier), daemon=True)
-            proc.start()
-            procs.append(proc)
-            pipes.append(parent)
+    barrier = ctx.Barrier(o.dst_tp)
+    procs, src_pipes, dst_pipes, srcs, dsts = [], [], [], [], []
     try:
-        for pipe in src_pipes + dst_pipes:
-            status, value = pipe.recv()
-            if status != "ok":
-                raise RuntimeError(value)
-        copy_s = _call(dst_pipes[0], "copy_limit", nbytes=[b * cfg["per_batch_nbytes"] for b in cfg["batches"]])
-        src_info = [_call(p, "setup") for p in src_pipes]
-        for p in dst_pipes:
-            _call(p, "setup", src_info=src_info)
-            _call(p, "staging", nbytes=cfg["staging_nbytes"])
-        model = None
-        if any(name == "staged" for name, _ in cfg["runs"]) and not args.no_calibrate:
-            threads = next(t for name, t in cfg["runs"] if name == "staged")
-            model = _call(dst_pipes[0], "calibrate", threads=threads)
-            print(f"cost model (fitted, t{threads}): {model['desc_s'] * 1e6:.2f} us/descriptor, "
-                  f"{1e-9 / max(model['byte_s'], 1e-30):.0f} GB/s", flush=True)
-        versions = _versions(cfg["device"])
+        for rank in range(o.src_tp):
+            proc, pipe, info = _start(ctx, src_main, (cfg, rank, o.src_devices[rank % len(o.src_devices)]))
+            procs.append(proc), src_pipes.append(pipe), srcs.append(info)
+        for rank in range(o.dst_tp):
+            proc, pipe, info = _start(ctx, _dst_target, (cfg, rank, o.dst_devices[rank % len(o.dst_devices)],
+                                                         barrier))
+            procs.append(proc), dst_pipes.append(pipe), dsts.append(info)
+        addresses = [s["address"] for s in srcs]
+        versions = _versions(o.device)
+        metadata, ceiling_addr, ceiling_device = srcs[0]["ceiling"]
+        ceiling = _call(dst_pipes[:1], "ceiling", lambda r: dict(metadata=metadata, addr=ceiling_addr,
+                                                               device=ceiling_device, nbytes=cfg["ceiling_nbytes"]))[0]
+        ceiling_gbps = cfg["ceiling_nbytes"] / min(ceiling.values()) / 1e9
         records = []
-        rng = __import__("numpy").random.default_rng(args.seed + 1)
-        for batch, copy_limit in zip(cfg["batches"], copy_s):
-            pairs = [[int(s), int(d)] for s, d in zip(rng.choice(cfg["num_blocks"], batch, replace=False),
-                                                      rng.choice(cfg["num_blocks"], batch, replace=False))]
-            nbytes = batch * cfg["per_batch_nbytes"]
-            records.append(_record(cfg, versions, batch, "copy-limit", None, dict(descriptors=0, requests=0,
-                               read_nbytes=nbytes, gathered_nbytes=0, staging_nbytes=0), nbytes,
-                               {"serial": copy_limit, "concurrent": copy_limit}, copy_limit, True, model))
-            for name, threads in cfg["runs"]:
-                if name == "packed":
-                    total, times, ok = run_packed(cfg, threads, pairs, src_pipes, dst_pipes, args)
-                    records.append(_record(cfg, versions, batch, "packed", threads, total, nbytes, times,
-                                           copy_limit, ok, None))
-                    continue
-                fit = {k: model[k] for k in ("desc_s", "byte_s", "gather_byte_s", "gather_launch_s")} if model else None
-                stats = [_call(p, "prepare", name=name, threads=threads, pairs=pairs, model=fit,
-                               staging_cap=cfg["staging_nbytes"]) for p in dst_pipes]
-                total = {k: sum(s[k] for s in stats) for k in ("descriptors", "requests", "read_nbytes",
-                                                               "gathered_nbytes", "staging_nbytes")}
-                total["staging_nbytes"] = max(s["staging_nbytes"] for s in stats)
-                total["waves"] = max(s["waves"] for s in stats)
-                ok = all(_call(p, "verify") for p in dst_pipes)
-                times = _time(dst_pipes, args) if ok else {}
-                records.append(_record(cfg, versions, batch, name, threads, total, nbytes, times, copy_limit, ok,
-                                       model if name == "staged" else None))
+        rng = np.random.default_rng(o.seed + 1)
+        for batch in o.batches:
+            pairs = np.stack([rng.choice(o.num_blocks, batch, replace=False),
+                              rng.choice(o.num_blocks, batch, replace=False)], axis=1).tolist()
+            nbytes = batch * cfg["per_request_nbytes"]
+            copy_s = _call(dst_pipes[:1], "copy_limit", lambda r: dict(nbytes=nbytes,
+                                                                       src_device=srcs[0]["device"]))[0]
+            for strategy in o.strategies:
+                prepared = _call(dst_pipes, "prepare", lambda r: dict(strategy=strategy, addresses=addresses,
+                                                                       pairs=pairs))
+                samples = []
+                if all(p["verified"] for p in prepared):
+                    for i in range(o.warmup + o.repeats):
+                        spans = _call(dst_pipes, "run", lambda r: dict(request_id=f"{strategy}-{batch}-{i}-{r}"))
+                        if i >= o.warmup:
+                            samples.append(max(t1 for _, t1 in spans) - min(t0 for t0, _ in spans))
+                _call(dst_pipes, "release", lambda r: {})
+                records.append(_record(o, versions, batch, strategy, prepared, samples, nbytes, copy_s,
+                                       ceiling_gbps, [s["device"] for s in srcs], [d["device"] for d in dsts]))
         _speedups(records)
         return records
     finally:
         for pipe in src_pipes + dst_pipes:
             try:
-                pipe.send(None)
+                pipe.send(("stop", {}))
             except (BrokenPipeError, OSError):
                 pass
         for proc in procs:
@@ -190,85 +156,78 @@ def run_config(args) -> list[dict]:
                 proc.kill()
 
 
-def _time(pipes, args) -> dict:
-    out = {}
-    modes = ("serial", "concurrent") if args.mode == "both" else (args.mode,)
-    for mode in modes:
-        samples = []
-        for i in range(args.warmup + args.repeats):
-            if mode == "serial":
-                spans = [_call(p, "run") for p in pipes]
-                wall = sum(t1 - t0 for t0, t1 in spans)
-            else:
-                send_all(pipes, "run", concurrent=True)
-                spans = replies(pipes)
-                wall = max(t1 for _, t1 in spans) - min(t0 for t0, _ in spans)
-            if i >= args.warmup:
-                samples.append(wall)
-        out[mode] = statistics.median(samples)
-        out[f"{mode}_samples"] = samples
-    return out
+def _dst_target(cfg, rank, device, barrier, conn):
+    from ._rank import dst_main
+
+    dst_main(cfg, rank, device, conn, barrier)
 
 
-def _record(cfg, versions, batch, name, threads, stats, nbytes, times, copy_limit, ok, model) -> dict:
-    median = times.get("serial", times.get("concurrent"))
-    rec = dict(model=cfg["model"], src_tp=cfg["src_tp"], dst_tp=cfg["dst_tp"], batch=batch, layers=cfg["layers"],
-               layout=cfg["layout"], strategy=name if threads is None else _label(name, threads),
-               threads=threads, descriptors=stats["descriptors"], requests=stats["requests"], nbytes=nbytes,
-               read_nbytes=stats["read_nbytes"], gathered_nbytes=stats["gathered_nbytes"],
-               staging_nbytes=stats["staging_nbytes"], waves=stats.get("waves", 0), verified=bool(ok),
-               median_s=median, concurrent_s=times.get("concurrent"), samples_s=times.get("serial_samples"),
-               gbps=(nbytes / median / 1e9) if median else None,
-               pct_of_copy_limit=(100.0 * copy_limit / median) if median else None,
-               copy_limit_s=copy_limit, speedup_vs_baseline=None, num_blocks=cfg["num_blocks"],
-               device=versions.get("device"), versions=versions, cost_model=model)
-    return rec
+def _record(o, versions, batch, strategy, prepared, samples, nbytes, copy_s, ceiling_gbps, src_devs, dst_devs):
+    median = statistics.median(samples) if samples else None
+    gbps = nbytes / median / 1e9 if median else None
+    copy_gbps = nbytes / copy_s / 1e9
+    return dict(model=o.model, src_tp=o.src_tp, dst_tp=o.dst_tp, layers=o.layers, batch=batch, pages="per-layer",
+                executor="Reader", strategy=strategy,
+                strategy_run=sorted({p["strategy_run"] for p in prepared}),
+                descriptors=sum(p["descriptors"] for p in prepared), waves=max(p["waves"] for p in prepared),
+                transfers=sum(p["transfers"] for p in prepared), nbytes=nbytes,
+                verified=all(p["verified"] for p in prepared), median_s=median, samples_s=samples, gbps=gbps,
+                skipped=next((p["skipped"] for p in prepared if p.get("skipped")), None),
+                src_devices=src_devs, dst_devices=dst_devs, copy_limit_s=copy_s, copy_limit_gbps=copy_gbps,
+                pct_of_copy_limit=100.0 * gbps / copy_gbps if gbps else None,
+                transport_ceiling_gbps=ceiling_gbps,
+                pct_of_transport_ceiling=100.0 * gbps / ceiling_gbps if gbps else None,
+                speedup_vs_baseline=None, unavailable=prepared[0]["why_not"], num_blocks=o.num_blocks,
+                device=versions.get("device"), versions=versions)
 
 
 def _speedups(records: list[dict]) -> None:
-    """Fill `speedup_vs_baseline` against vLLM's default (`baseline@t4`, UCX num_threads=4;
-    else the fastest baseline run) and `speedup_vs_best_baseline` against the fastest
-    baseline of any thread count, for the same model, TP pair, layer count and batch
-    (whatever the layout)."""
-    key = lambda r: (r["model"], r["src_tp"], r["dst_tp"], r["layers"], r["batch"])  # noqa: E731
-    default: dict = {}
-    best: dict = {}
+    """`speedup_vs_baseline`: the baseline's median time over the record's, same batch."""
+    base = {r["batch"]: r["median_s"] for r in records if r["strategy"] == "baseline" and r["median_s"]}
     for r in records:
-        if r["strategy"].startswith("baseline@") and r["median_s"]:
-            best[key(r)] = min(best.get(key(r), float("inf")), r["median_s"])
-            if r["threads"] == 4:
-                default[key(r)] = r["median_s"]
-    for r in records:
-        if key(r) in best and r["median_s"]:
-            r["speedup_vs_baseline"] = default.get(key(r), best[key(r)]) / r["median_s"]
-            r["speedup_vs_best_baseline"] = best[key(r)] / r["median_s"]
+        if r["median_s"] and r["batch"] in base:
+            r["speedup_vs_baseline"] = base[r["batch"]] / r["median_s"]
 
 
-def format_records(records: list[dict]) -> str:
+def _versions(device: str) -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version(),
+           "ucx_cuda_ipc_get_zcopy": os.environ.get("UCX_CUDA_IPC_ENABLE_GET_ZCOPY")}
+    for dist in ("nixl", "nixl-cu13", "torch", "triton", "numpy", "ssm-split"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    if device == "cuda":
+        import torch
+
+        out["device"] = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}"
+    else:
+        out["device"] = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    return out
+
+
+def format_records(records: Sequence[dict]) -> str:
     from .._text import format_table
 
-    rows = []
-    for r in records:
-        rows.append([f"{r['model']} {r['src_tp']}->{r['dst_tp']} {r['layout']} b{r['batch']}", r["strategy"],
-                     str(r["descriptors"]), f"{r['nbytes'] / 2**20:.0f} MiB",
-                     f"{r['median_s'] * 1e3:.3f}" if r["median_s"] else ("FAILED" if not r["verified"] else "-"),
-                     f"{r['concurrent_s'] * 1e3:.3f}" if r.get("concurrent_s") else "-",
-                     f"{r['gbps']:.0f}" if r["gbps"] else "-",
-                     f"{r['pct_of_copy_limit']:.0f}%" if r["pct_of_copy_limit"] else "-",
-                     f"{r['speedup_vs_baseline']:.2f}x" if r["speedup_vs_baseline"] else "-"])
-    header = ["case", "strategy", "descriptors", "bytes", "median ms", "concurrent ms", "GB/s", "% copy", "vs baseline"]
+    def pct(value):
+        return f"{value:.0f}%" if value else "-"
+
+    rows = [[f"{r['model']} {r['src_tp']}->{r['dst_tp']} b{r['batch']}", r["strategy"],
+             "+".join(r["strategy_run"]), str(r["descriptors"]), f"{r['nbytes'] / 2**20:.0f} MiB",
+             f"{r['median_s'] * 1e3:.2f}" if r["median_s"] else ("skipped" if r.get("skipped") else
+                                                                 "FAILED" if not r["verified"] else "-"),
+             f"{r['gbps']:.0f}" if r["gbps"] else "-", pct(r["pct_of_copy_limit"]),
+             pct(r["pct_of_transport_ceiling"]),
+             f"{r['speedup_vs_baseline']:.2f}x" if r["speedup_vs_baseline"] else "-"] for r in records]
+    header = ["case", "strategy", "ran", "descriptors", "bytes", "ms", "GB/s", "% copy", "% NIXL 1-desc",
+              "vs vLLM"]
     return format_table(header, rows)
 
 
-_COLORS = {"copy-limit": "black", "baseline": "tab:red", "ssm_split": "tab:blue", "staged": "tab:orange",
-           "packed": "tab:green"}
-_MARKERS = {None: "s", 0: "v", 4: "o", 8: "^", 16: "D"}
-
-
-def plot_records(records: list[dict], path: str) -> bool:
-    """Time vs batch size per strategy, one panel per case (color: strategy; solid:
-    per-layer regions, dashed: stacked layout; marker: UCX threads). False when
-    matplotlib is missing."""
+def plot_records(records: Sequence[dict], path: str) -> bool:
+    """Time per strategy and batch size (bars), one panel per case; False without matplotlib."""
     try:
         import matplotlib
 
@@ -279,51 +238,40 @@ def plot_records(records: list[dict], path: str) -> bool:
     cases: dict = {}
     for r in records:
         if r["median_s"]:
-            case = f"{r['model']} {r['src_tp']}->{r['dst_tp']} ({r['layers']} layers)"
-            key = (r["layout"], r["strategy"], r["threads"])
-            if r["strategy"] == "copy-limit":
-                key = ("", "copy-limit", None)
-            cases.setdefault(case, {}).setdefault(key, {})[r["batch"]] = r["median_s"]
-    fig, axes = plt.subplots(1, len(cases), figsize=(6.5 * len(cases), 5), squeeze=False)
-    for ax, (case, series) in zip(axes[0], cases.items()):
-        for (layout, strategy, threads), pts in sorted(series.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-            name = strategy.split("@")[0]
-            batches = sorted(pts)
-            ax.plot(batches, [pts[b] * 1e3 for b in batches], color=_COLORS.get(name, "gray"),
-                    linestyle="--" if layout == "stacked" else "-", marker=_MARKERS.get(threads, "o"),
-                    label=strategy if name == "copy-limit" else f"{layout}: {strategy}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch (requests)")
-        ax.set_ylabel("time (ms), dst ranks summed")
-        ax.set_title(case, fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+            case = f"{r['model']} {r['src_tp']}->{r['dst_tp']}, {r['layers']} layers, b{r['batch']}"
+            cases.setdefault(case, []).append(r)
+    fig, axes = plt.subplots(1, max(len(cases), 1), figsize=(6 * max(len(cases), 1), 4.5), squeeze=False)
+    for ax, (case, rows) in zip(axes[0], cases.items()):
+        names = [r["strategy"] for r in rows]
+        ax.bar(names, [r["median_s"] * 1e3 for r in rows], color="tab:blue")
+        ax.axhline(rows[0]["copy_limit_s"] * 1e3, color="black", linestyle="--", label="torch copy")
+        ax.set_ylabel("ms, all dst ranks at once")
+        ax.set_title(case, fontsize=9)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return True
 
 
-def append_json(path: str, records: list[dict]) -> None:
+def write_json(path: str, records: Sequence[dict]) -> None:
+    """Append `records` to the JSON list in `path` (created if missing)."""
     old = []
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
     with open(path, "w") as f:
-        json.dump(old + records, f, indent=1)
+        json.dump(old + list(records), f, indent=1)
 
 
-def run(args) -> int:
-    t0 = time.perf_counter()
-    records = run_config(args)
-    print(format_records(records))
-    print(f"({time.perf_counter() - t0:.1f} s; median_s = dst ranks timed one after another and added; "
-          f"concurrent = all dst ranks at once)", flush=True)
-    if args.json:
-        append_json(args.json, records)
-    if args.plot and not plot_records(records, args.plot):
-        print("matplotlib is not installed: no plot written", file=sys.stderr)
-    return 0 if all(r["verified"] for r in records) else 1
+def check_devices(device: str, src_devices: Sequence[int], dst_devices: Sequence[int]) -> None:
+    """`SetupError` when the GPUs asked for are not there."""
+    if device != "cuda":
+        return
+    import torch
 
-
-COMMANDS = {"bench": (HELP, add_arguments, run)}
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise SetupError("--device cuda needs a CUDA GPU, and none is visible; use --device cpu.")
+    bad = sorted({d for d in list(src_devices) + list(dst_devices) if d >= count})
+    if bad:
+        raise SetupError(f"GPUs {bad} are not there: this machine has {count} (0..{count - 1}).")

@@ -35,7 +35,7 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("layout", "ssm_split.cli._core"),
     ("plan", "ssm_split.cli._core"),
     ("demo", "ssm_split.cli._demo"),
-    ("bench", "ssm_split.bench._run"),
+    ("bench", "ssm_split.cli._bench"),
     ("vllm-check", "ssm_split.cli._vllm_check"),
 )
 

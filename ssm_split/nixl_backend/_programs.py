@@ -161,6 +161,11 @@ class ReaderPrograms:
             return 0, Buffer(self._area().buffer.addr, 512, self._area().buffer.device_id)
         want = min(2 * per_request * num_requests, max(self.staging_nbytes // 2, 2 * per_request))
         want = -(-want // 512) * 512
+        if want > self.staging_nbytes:
+            raise PlanError(f"The {name} strategy needs {want} bytes of staging for two waves of one "
+                            f"request ({num_layers} layers), more than this reader's staging area of "
+                            f"{self.staging_nbytes} bytes: read with a larger staging_nbytes, or fewer "
+                            f"layers per batch.")
         got = self._area().lease(want, ttl_s=1e9)
         if got is None:
             return None

@@ -33,12 +33,16 @@ import numpy as np
 import pytest
 
 DEVICE = os.environ.get("SSM_SPLIT_GPU_TEST_DEVICE", "cuda")
+SRC_GPU = DST_GPU = 0
 if DEVICE == "cuda":
     torch = pytest.importorskip("torch")  # before nixl: it picks its CUDA variant from torch
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device", allow_module_level=True)
     os.environ.setdefault("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")  # before any UCX context
-    torch.zeros(1, device="cuda")  # CUDA context before any NIXL agent
+    DST_GPU = 1 if torch.cuda.device_count() >= 2 else 0  # engines on different GPUs when there are two
+    torch.cuda.set_device(DST_GPU)
+    torch.zeros(1, device=f"cuda:{DST_GPU}")  # CUDA context before any NIXL agent
+SRC_DEVICE = "cpu" if DEVICE == "cpu" else f"cuda:{SRC_GPU}"
 pytest.importorskip("nixl")
 
 from ssm_split import GDNSpec, Mamba2Spec, model, plan_all  # noqa: E402
@@ -53,7 +57,7 @@ RESULTS: list[dict] = []
 # --- memory on the device under test -----------------------------------------------------
 
 def to_device(host: np.ndarray):
-    return host if DEVICE == "cpu" else torch.from_numpy(host).to("cuda")
+    return host if DEVICE == "cpu" else torch.from_numpy(host).to(f"cuda:{DST_GPU}")
 
 
 def address(memory) -> int:
@@ -69,12 +73,13 @@ def mismatched_nbytes(memory, expected: np.ndarray) -> int:
 
 def synchronize() -> None:
     if DEVICE == "cuda":
-        torch.cuda.synchronize()
+        for gpu in {SRC_GPU, DST_GPU}:
+            torch.cuda.synchronize(gpu)
 
 
 # --- dst ranks in this process ----------------------------------------------------------
 
-def dst_ranks(case: Case, engine: SrcEngine):
+def dst_ranks(case: Case, engine: SrcEngine, strategy: str = "auto"):
     """Every dst rank's (endpoint, reader, memory), connected and warmed up."""
     sides = []
     for rank in range(case.dst_tp):
@@ -82,7 +87,7 @@ def dst_ranks(case: Case, engine: SrcEngine):
         endpoint = Endpoint(case.spec, tp=case.dst_tp, rank=rank, memory=[memory],
                             regions=case.regions("dst", address(memory)))
         assert endpoint.num_threads == (4 if DEVICE == "cuda" else 0)  # the default by memory type
-        reader = Reader(endpoint)
+        reader = Reader(endpoint, strategy=strategy, staging_nbytes=64 << 20)
         for host, port in engine.addresses:
             reader.connect_to(host, port)
         reader.warm_up()
@@ -118,16 +123,22 @@ CASES = {
 }
 
 
+STRATEGIES = ["direct", "staged", "packed"] + (["peer"] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_vram_transfer_matches_the_reference(name):
+def test_vram_transfer_matches_the_reference(name, strategy):
     case = CASES[name]
     plans = plan_all(case.spec, case.src_tp, case.dst_tp)
-    with SrcEngine(case, DEVICE, "reference", start_timeout_s=300) as engine:
-        sides = dst_ranks(case, engine)
+    with SrcEngine(case, SRC_DEVICE, "reference", start_timeout_s=300) as engine:
+        sides = dst_ranks(case, engine, strategy)
         try:
             _, stats = read_all(sides, case.pairs_array, f"{name}-batch")
             for rank, (_, _, memory) in enumerate(sides):
-                assert stats[rank].num_transfers == len(plans[rank].src_ranks)
+                assert stats[rank].strategy == strategy
+                if strategy == "direct":
+                    assert stats[rank].num_transfers == len(plans[rank].src_ranks)
                 bad = mismatched_nbytes(memory, case.expected_dst(rank))
                 assert bad == 0, f"dst rank {rank}: {bad} bytes differ from reference.shard"
             counts = [sum(r in p.src_ranks for p in plans) for r in range(case.src_tp)]
@@ -167,17 +178,16 @@ def _copy_limit_s(nbytes: int, reps: int = 5) -> float:
             np.copyto(dst, src)
             times.append(time.perf_counter() - started)
         return statistics.median(times)
-    src = torch.ones(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
+    src = torch.ones(nbytes, dtype=torch.uint8, device=f"cuda:{SRC_GPU}")
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{DST_GPU}")
     dst.copy_(src)
     times = []
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        synchronize()
+        started = time.perf_counter()
         dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        synchronize()
+        times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 
@@ -193,7 +203,7 @@ def _record(entry: dict) -> None:
 @pytest.mark.parametrize("name, src_tp, dst_tp, layers, layout", THROUGHPUT)
 def test_vram_throughput(name, src_tp, dst_tp, layers, layout):
     case = _throughput_case(name, src_tp, dst_tp, layers, layout)
-    with SrcEngine(case, DEVICE, "random", start_timeout_s=300) as engine:
+    with SrcEngine(case, SRC_DEVICE, "random", start_timeout_s=300) as engine:
         sides = dst_ranks(case, engine)
         try:
             read_all(sides, case.pairs_array, "first")  # untimed: first-touch and set-up
@@ -212,6 +222,7 @@ def test_vram_throughput(name, src_tp, dst_tp, layers, layout):
     _record({
         "test": "vram_throughput", "model": name, "src_tp": src_tp, "dst_tp": dst_tp,
         "layers": case.num_layers, "batch": len(case.pairs), "layout": layout,
+        "strategy_run": sorted({s.strategy for s in stats}), "src_gpu": SRC_GPU, "dst_gpu": DST_GPU,
         "reads": sum(s.num_reads for s in stats), "descriptors": sum(s.num_descriptors for s in stats),
         "transfers": sum(s.num_transfers for s in stats), "nbytes": nbytes,
         "median_s": seconds, "gbps": nbytes / seconds / 1e9,
@@ -230,3 +241,29 @@ def test_results_were_recorded_when_asked():
     if not folder or not RESULTS:
         pytest.skip("set SSM_SPLIT_RESULTS_DIR and run the throughput tests to record results")
     assert json.loads((Path(folder) / "gpu_transfer.json").read_text()) == RESULTS
+
+
+# --- the peer strategy when the src goes away or re-registers -------------------------------
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the peer strategy maps GPU memory")
+@pytest.mark.parametrize("fault", ["reregistered", "killed"])
+def test_peer_reads_from_a_changed_src_are_typed_errors(fault):
+    from ssm_split.errors import StaleHandshakeError, TransferError
+
+    case = CASES["1to2_mamba2_replicated"]
+    with SrcEngine(case, SRC_DEVICE, "reference", start_timeout_s=300) as engine:
+        sides = dst_ranks(case, engine, "peer")
+        try:
+            read_all(sides, case.pairs_array, "before")  # the mapping works
+            if fault == "reregistered":
+                engine.ask(("reregister", 0), "reregistered")
+                expected = StaleHandshakeError
+            else:
+                engine.kill()
+                expected = TransferError
+            for _, reader, _ in sides:
+                with pytest.raises(expected) as info:
+                    reader.read(case.pairs_array, f"after-{fault}", timeout_s=10)
+                assert info.value.request == f"after-{fault}" and info.value.peer == engine.names[0]
+        finally:
+            close(sides)
