@@ -173,7 +173,7 @@ class _Dst:
         return out
 
     def _prepare(self, strategy: str, addresses, pairs) -> dict:
-        from ..errors import PlanError
+        from ..errors import PlanError, SsmSplitError
         from ..nixl_backend import Reader
         from ..strategies._baseline import baseline_plan
 
@@ -205,10 +205,11 @@ class _Dst:
         self.mem.sync()
         try:
             stats = self.reader.read(self.pairs, f"verify-{strategy}-{self.rank}", timeout_s=120)
-        except PlanError as error:  # the strategy does not fit these sizes (e.g. staging)
+        except SsmSplitError as error:  # does not fit these sizes (PlanError), or failed
             self._release()
-            return {"verified": False, "skipped": str(error), "strategy_run": "-", "descriptors": 0,
-                    "waves": 0, "nbytes": 0, "transfers": 0, "why_not": why_not}
+            what = "skipped" if isinstance(error, PlanError) else "failed"
+            return {"verified": False, what: f"{type(error).__name__}: {error}", "strategy_run": "-",
+                    "descriptors": 0, "waves": 0, "nbytes": 0, "transfers": 0, "why_not": why_not}
         self.mem.sync()
         verified = all(self.mem.check(buf, self.template, self.keys[layer], self.pairs, self.content_words)
                        for layer, buf in enumerate(self.buffers))

@@ -173,6 +173,7 @@ def _record(o, versions, batch, strategy, prepared, samples, nbytes, copy_s, cei
                 transfers=sum(p["transfers"] for p in prepared), nbytes=nbytes,
                 verified=all(p["verified"] for p in prepared), median_s=median, samples_s=samples, gbps=gbps,
                 skipped=next((p["skipped"] for p in prepared if p.get("skipped")), None),
+                failed=next((p["failed"] for p in prepared if p.get("failed")), None),
                 src_devices=src_devs, dst_devices=dst_devs, copy_limit_s=copy_s, copy_limit_gbps=copy_gbps,
                 pct_of_copy_limit=100.0 * gbps / copy_gbps if gbps else None,
                 transport_ceiling_gbps=ceiling_gbps,
