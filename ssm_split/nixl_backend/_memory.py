@@ -52,12 +52,18 @@ def describe_memory(obj: Any) -> MemoryInfo:
 
 def zeros_like_memory(mem_type: str, device_id: int, nbytes: int) -> Any:
     """`nbytes` zero bytes of the given memory type: a numpy array (DRAM) or a CUDA
-    uint8 tensor on `device_id` (VRAM)."""
+    uint8 tensor on `device_id` (VRAM).
+
+    On a GPU the zeros are written by a kernel on torch's current stream; this waits for
+    it, so that no later write from another stream (a NIXL READ landing, a copy kernel)
+    can be overwritten by the late zero fill."""
     if mem_type == "DRAM":
         return np.zeros(nbytes, dtype=np.uint8)
     import torch
 
-    return torch.zeros(nbytes, dtype=torch.uint8, device=f"cuda:{device_id}")
+    memory = torch.zeros(nbytes, dtype=torch.uint8, device=f"cuda:{device_id}")
+    torch.cuda.synchronize(device_id)
+    return memory
 
 
 def write_bytes(target: Any, offset: int, data: bytes) -> None:

@@ -75,7 +75,9 @@ class ReaderPrograms:
         """Map a new peer's pages when the peer strategy can use them."""
         self.on_disconnect(rank)
         own = self.reader.endpoint
-        if not handshake.ipc_exports:
+        if self.strategy not in ("auto", "peer"):
+            self.peer_unavailable[rank] = f"this reader runs strategy {self.strategy!r}"
+        elif not handshake.ipc_exports:
             self.peer_unavailable[rank] = "the src publishes no CUDA IPC handles (host memory, or not exportable)"
         elif own.mem_type != "VRAM":
             self.peer_unavailable[rank] = "this reader's pages are host memory"

@@ -85,7 +85,7 @@ def dst_ranks(case: Case, engine: SrcEngine, strategy: str = "auto"):
     for rank in range(case.dst_tp):
         memory = to_device(case.dst_memory())
         endpoint = Endpoint(case.spec, tp=case.dst_tp, rank=rank, memory=[memory],
-                            regions=case.regions("dst", address(memory)))
+                            regions=case.regions("dst", address(memory), DST_GPU))
         assert endpoint.num_threads == (4 if DEVICE == "cuda" else 0)  # the default by memory type
         reader = Reader(endpoint, strategy=strategy, staging_nbytes=64 << 20)
         for host, port in engine.addresses:

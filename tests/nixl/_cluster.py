@@ -60,10 +60,10 @@ class Case:
     def memory_nbytes(self, side: str) -> int:
         return self.num_layers * self.num_blocks * self.page_nbytes(side)
 
-    def regions(self, side: str, base_addr: int) -> RegionSet:
+    def regions(self, side: str, base_addr: int, device_id: int = 0) -> RegionSet:
         order = self.src_order if side == "src" else self.dst_order
         return RegionSet.packed(base_addr, num_layers=self.num_layers, num_blocks=self.num_blocks,
-                                page_nbytes=self.page_nbytes(side), order=order)
+                                page_nbytes=self.page_nbytes(side), order=order, device_id=device_id)
 
     def _fill(self, side: str, rank: int, fill: int) -> np.ndarray:
         tp = self.src_tp if side == "src" else self.dst_tp

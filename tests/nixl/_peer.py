@@ -34,12 +34,14 @@ import numpy as np
 
 
 def _on_device(memory, device: str):
+    """`(memory, address, device id)` of host bytes placed on `device` ("cpu", "cuda",
+    "cuda:N")."""
     if device == "cpu":
-        return memory, int(memory.ctypes.data)
+        return memory, int(memory.ctypes.data), 0
     import torch
 
     tensor = torch.from_numpy(memory).to(device)
-    return tensor, int(tensor.data_ptr())
+    return tensor, int(tensor.data_ptr()), int(tensor.device.index or 0)
 
 
 def _overwrite(memory, host) -> None:
@@ -102,10 +104,10 @@ def serve_src(case, conn, device: str = "cpu", fill: str = "reference", ucx_para
 
         # memory first: on a GPU the CUDA context must exist before any agent
         placed = [_on_device(host_pages(rank), device) for rank in range(case.src_tp)]
-        memories = [memory for memory, _ in placed]
+        memories = [memory for memory, _, _ in placed]
         endpoints = [Endpoint(case.spec, tp=case.src_tp, rank=r, memory=[m],
-                              regions=case.regions("src", addr), ucx_params=ucx_params)
-                     for r, (m, addr) in enumerate(placed)]
+                              regions=case.regions("src", addr, device), ucx_params=ucx_params)
+                     for r, (m, addr, device) in enumerate(placed)]
         conn.send(("ready", ([e.serve("127.0.0.1", 0) for e in endpoints], [e.name for e in endpoints])))
         while True:
             command = conn.recv()
