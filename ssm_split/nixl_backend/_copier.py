@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import TransferError
+from ..strategies._paged import PagedCopies
 from ..strategies._program import CopyTable
 
 __all__ = ["HostCopier", "DeviceCopier", "Launched", "make_copier"]
@@ -67,7 +68,9 @@ class HostCopier:
                                 f"outside the memory of this process the copier knows.")
         return which
 
-    def launch(self, table: CopyTable) -> Launched:
+    def launch(self, table: CopyTable | PagedCopies) -> Launched:
+        if isinstance(table, PagedCopies):  # host copies need every row
+            table = table.expand()
         if table.num_copies:
             src_at = self._locate(table.src_addrs, table.nbytes, "source")
             dst_at = self._locate(table.dst_addrs, table.nbytes, "destination")
@@ -108,7 +111,7 @@ class DeviceCopier:
         self._stream = torch.cuda.Stream(device=self.device)
 
     def launch(self, table: CopyTable) -> Launched:
-        from ._gather import GatherTable, run_gather
+        from ._gather import GatherTable, PagedTable, run_gather, run_paged
 
         torch = self._torch
         if not table.num_copies:
@@ -116,10 +119,13 @@ class DeviceCopier:
         with torch.cuda.device(self.device):
             self._stream.wait_stream(torch.cuda.current_stream(self.device))  # writes made before us
             with torch.cuda.stream(self._stream):  # the table's upload is ordered before the kernel
-                gather = GatherTable.build(table.src_addrs.astype(np.int64), table.dst_addrs.astype(np.int64),
-                                           table.nbytes.astype(np.int64), anchor=self._anchor,
-                                           chunk_nbytes=_CHUNK_NBYTES)
-                run_gather(gather, self._stream)
+                if isinstance(table, PagedCopies):  # one program per (layer, request, piece)
+                    run_paged(PagedTable.build(table, anchor=self._anchor), self._stream)
+                else:
+                    gather = GatherTable.build(table.src_addrs.astype(np.int64), table.dst_addrs.astype(np.int64),
+                                               table.nbytes.astype(np.int64), anchor=self._anchor,
+                                               chunk_nbytes=_CHUNK_NBYTES)
+                    run_gather(gather, self._stream)
             event = torch.cuda.Event()
             event.record(self._stream)
         return Launched(event)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["GatherTable", "run_gather", "DEFAULT_CHUNK_NBYTES"]
+__all__ = ["GatherTable", "run_gather", "DEFAULT_CHUNK_NBYTES", "PagedTable", "run_paged"]
 
 DEFAULT_CHUNK_NBYTES = 64 << 10
 """Bytes one program copies at most (a balance of per-program work and parallelism)."""
@@ -142,6 +142,104 @@ def run_gather(table: GatherTable, stream=None, *, block: int = _BLOCK, num_warp
     with ctx:
         kernel[(table.num_chunks,)](table.anchor, table.src_words, table.dst_words, table.len_words,
                                   BLOCK=block, ALIGN=table.align_words, num_warps=num_warps)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PagedTable:
+    """A `PagedCopies` on the GPU, in words relative to `anchor` (see `build`).
+
+    Attributes:
+        anchor: a tensor of this process viewed as words of `word_nbytes`.
+        tables: one int64 CUDA tensor: src layers `(R, m, 2)`, dst layers `(m, 2)`, pairs
+            `(N, 2)` and pieces `(k, 4)`, flattened one after the other; bases are word
+            offsets from `anchor`, strides, offsets and lengths are in words.
+        num_layers, num_requests, num_pieces: `m`, `N`, `k`.
+        word_nbytes, align_words: as `GatherTable`.
+    """
+
+    anchor: object
+    tables: object
+    num_layers: int
+    num_requests: int
+    num_pieces: int
+    num_src_ranks: int
+    word_nbytes: int
+    align_words: int
+
+    @classmethod
+    def build(cls, paged, *, anchor) -> "PagedTable":
+        """Upload `paged` (a `ssm_split.strategies.PagedCopies`) for `run_paged`."""
+        import torch
+
+        src, dst = paged.src_layers.copy(), paged.dst_layers.copy()
+        base = int(anchor.data_ptr())
+        src[..., 0] -= base
+        dst[:, 0] -= base
+        pieces = paged.pieces
+        both = int(np.bitwise_or.reduce(np.concatenate(
+            [src.ravel(), dst.ravel(), pieces[:, 1:].ravel(), [16]]))) if pieces.size else 16
+        word = 4 if both % 4 == 0 else 2 if both % 2 == 0 else 1
+        align = 16 // word if both % 16 == 0 else 1
+        words = pieces.copy()
+        words[:, 1:] //= word
+        flat = np.concatenate([(src // word).ravel(), (dst // word).ravel(), paged.pairs.ravel(), words.ravel()])
+        dtype = {4: torch.int32, 2: torch.int16, 1: torch.uint8}[word]
+        tables = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.int64)).to(anchor.device)
+        return cls(anchor.view(dtype) if anchor.dtype != dtype else anchor, tables, int(dst.shape[0]),
+                   int(paged.pairs.shape[0]), int(pieces.shape[0]), int(src.shape[0]), word, align)
+
+
+_PAGED_KERNEL = None
+
+
+def _paged_kernel():
+    global _PAGED_KERNEL
+    if _PAGED_KERNEL is not None:
+        return _PAGED_KERNEL
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def paged_kernel(anchor, tables, num_src, L, N, K, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+        pid = tl.program_id(0)
+        j = pid % K
+        n = (pid // K) % N
+        layer = pid // (K * N)
+        dst_layers = tables + num_src * L * 2
+        pairs = dst_layers + L * 2
+        pieces = pairs + N * 2
+        rank = tl.load(pieces + j * 4)
+        src_off = tl.load(pieces + j * 4 + 1)
+        dst_off = tl.load(pieces + j * 4 + 2)
+        count = tl.load(pieces + j * 4 + 3)
+        src_block = tl.load(pairs + n * 2)
+        dst_block = tl.load(pairs + n * 2 + 1)
+        src_row = (rank * L + layer) * 2
+        s = tl.load(tables + src_row) + src_block * tl.load(tables + src_row + 1) + src_off
+        d = tl.load(dst_layers + layer * 2) + dst_block * tl.load(dst_layers + layer * 2 + 1) + dst_off
+        s = tl.multiple_of(s, ALIGN)
+        d = tl.multiple_of(d, ALIGN)
+        for start in range(0, count, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < count
+            tl.store(anchor + d + offs, tl.load(anchor + s + offs, mask=mask), mask=mask)
+
+    _PAGED_KERNEL = paged_kernel
+    return _PAGED_KERNEL
+
+
+def run_paged(table: PagedTable, stream=None, *, block: int = _BLOCK, num_warps: int = 8) -> None:
+    """Launch one program per (layer, request, piece) of `table` on the current (or
+    given) CUDA stream; returns at once."""
+    programs = table.num_layers * table.num_requests * table.num_pieces
+    if programs == 0:
+        return
+    import torch
+
+    kernel = _paged_kernel()
+    with torch.cuda.stream(stream) if stream is not None else _null():
+        kernel[(programs,)](table.anchor, table.tables, table.num_src_ranks, table.num_layers, table.num_requests,
+                            table.num_pieces, BLOCK=block, ALIGN=table.align_words, num_warps=num_warps)
 
 
 class _null:

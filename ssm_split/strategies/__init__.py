@@ -39,6 +39,8 @@ from ._program import pack_copies as pack_copies
 from ._program import fetch_reads as fetch_reads
 from ._program import select_layers as select_layers
 from ._program import mapped_regions as mapped_regions
+from ._paged import PagedCopies as PagedCopies
+from ._paged import paged_copies as paged_copies
 from ._staging import SLOT_ALIGN_NBYTES as SLOT_ALIGN_NBYTES
 from ._stacked import StackedSpec as StackedSpec
 from ._stacked import stack_layers as stack_layers
@@ -86,6 +88,8 @@ __all__ = [
     "fetch_reads",
     "select_layers",
     "mapped_regions",
+    "PagedCopies",
+    "paged_copies",
     "SLOT_ALIGN_NBYTES",
     "StackedSpec",
     "stack_layers",

@@ -38,6 +38,8 @@ from ..layout._regions import Buffer, LayerRegion, RegionSet
 from ..plan._plan import Plan
 from ._cost import DEFAULT_COST_MODEL, CostModel
 from ._packing import PackLayout, pack_fingerprint, pack_plan
+from ._copies import CopyTable, _read_only
+from ._paged import PagedCopies, paged_copies
 from ._staging import align, stage_plan
 
 __all__ = ["STRATEGIES", "CopyTable", "PackOrder", "Wave", "Program", "direct_program", "staged_program",
@@ -46,43 +48,6 @@ __all__ = ["STRATEGIES", "CopyTable", "PackOrder", "Wave", "Program", "direct_pr
 STRATEGIES = ("direct", "staged", "packed", "peer")
 
 _U64 = np.uint64
-
-
-def _read_only(*arrays: np.ndarray) -> None:
-    for array in arrays:
-        array.flags.writeable = False
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class CopyTable:
-    """Copies inside one process: `nbytes[i]` bytes from `src_addrs[i]` to `dst_addrs[i]`.
-
-    Attributes:
-        src_addrs, dst_addrs, nbytes: shape `(K,)` uint64, read-only; destinations
-            never overlap.
-    """
-
-    src_addrs: np.ndarray
-    dst_addrs: np.ndarray
-    nbytes: np.ndarray
-
-    @property
-    def num_copies(self) -> int:
-        return int(self.nbytes.shape[0])
-
-    @property
-    def total_nbytes(self) -> int:
-        return int(self.nbytes.sum())
-
-    @classmethod
-    def from_expansions(cls, *expansions: Expansion) -> "CopyTable":
-        """Every rank's descriptor pairs of expansions whose both sides are local."""
-        ranks = [r for e in expansions for r in e.ranks]
-        columns = [np.concatenate([d[:, i] for d in descs]) if ranks else np.empty(0, _U64)
-                   for descs, i in (([r.src_descs for r in ranks], 0), ([r.dst_descs for r in ranks], 0),
-                                    ([r.dst_descs for r in ranks], 1))]
-        _read_only(*columns)
-        return cls(*columns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +73,13 @@ class PackOrder:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Wave:
-    """One wave of a program (module doc); `pairs` has shape `(n, 2)`, read-only."""
+    """One wave of a program (module doc); `pairs` has shape `(n, 2)`, read-only;
+    `scatter` is a `CopyTable`, or `PagedCopies` (the peer strategy's factored table)."""
 
     pairs: np.ndarray
     packs: tuple[PackOrder, ...]
     reads: tuple[RankDescriptors, ...]
-    scatter: CopyTable | None
+    scatter: "CopyTable | PagedCopies | None"
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -186,11 +152,11 @@ def direct_program(plan: Plan, src_regions: SrcRegions, dst_regions: RegionSet, 
 
 def peer_program(plan: Plan, mapped_src_regions: SrcRegions, dst_regions: RegionSet, block_pairs: object, *,
                  layers: object = None) -> Program:
-    """One copy table from the src ranks' pages, as mapped into the dst process
+    """One kernel's copies from the src ranks' pages, as mapped into the dst process
     (`mapped_src_regions`: the src regions at the addresses the dst sees them), into the
-    dst pages; no READ."""
+    dst pages, in factored form (`PagedCopies`); no READ."""
     pairs, layer_ids = _batch(plan, mapped_src_regions, dst_regions, block_pairs, layers)
-    table = CopyTable.from_expansions(expand_plan(plan, mapped_src_regions, dst_regions, pairs, layers=layer_ids))
+    table = paged_copies(plan, mapped_src_regions, dst_regions, pairs, layers=layer_ids)
     return Program("peer", plan, pairs, layer_ids, (Wave(pairs, (), (), table),), *_stats(plan, pairs, layer_ids))
 
 

@@ -60,6 +60,47 @@ def test_device_copier_moves_exact_bytes():
     assert np.array_equal(got, want)
 
 
+def test_paged_kernel_rebuilds_pages_from_the_factored_table():
+    """The peer strategy's kernel (`_gather.run_paged`) on one GPU: pages of a replicated
+    Mamba2 1 -> 2 and a GDN 2 -> 1 (SD) batch, against the reference."""
+    from ssm_split import GDNSpec, Mamba2Spec, RegionSet, plan_reads, reference
+    from ssm_split.nixl_backend._gather import PagedTable, run_paged
+    from ssm_split.strategies import paged_copies
+
+    cases = [(Mamba2Spec(num_heads=8, head_dim=16, num_groups=1, state_size=16, ssm_dtype="float32"), 1, 2, 1),
+             (GDNSpec(num_k_heads=2, num_v_heads=4, head_k_dim=16, head_v_dim=16, conv_layout="SD"), 2, 1, 0)]
+    for spec, src_tp, dst_tp, rank in cases:
+        plan = plan_reads(spec, src_tp, dst_tp, rank)
+        layers, blocks = 3, 6
+        src_page, dst_page = plan.src_content_nbytes + 32, plan.dst_content_nbytes + 48
+        srcs, src_regions = [], []
+        for r in range(src_tp):
+            host = np.zeros(layers * blocks * src_page, np.uint8)
+            regions = RegionSet.packed(0, num_layers=layers, num_blocks=blocks, page_nbytes=src_page)
+            for layer in range(layers):
+                for block in range(blocks):
+                    page = reference.shard(spec, reference.random_state(spec, 10 * layer + block), src_tp)[r]
+                    host[regions.page_addr(layer, block): regions.page_addr(layer, block) + page.size] = page
+            t = torch.from_numpy(host).to("cuda:0")
+            srcs.append(t)
+            src_regions.append(RegionSet.packed(t.data_ptr(), num_layers=layers, num_blocks=blocks,
+                                                page_nbytes=src_page))
+        dst = torch.full((layers * blocks * dst_page,), 0xEE, dtype=torch.uint8, device="cuda:0")
+        dst_regions = RegionSet.packed(dst.data_ptr(), num_layers=layers, num_blocks=blocks, page_nbytes=dst_page,
+                                       order="block")
+        pairs = np.array([[5, 0], [1, 3], [0, 2]])
+        run_paged(PagedTable.build(paged_copies(plan, src_regions, dst_regions, pairs, piece_nbytes=512),
+                                   anchor=dst))
+        torch.cuda.synchronize()
+        want = np.full(dst.numel(), 0xEE, np.uint8)
+        for layer in range(layers):
+            for s, d in pairs.tolist():
+                page = reference.shard(spec, reference.random_state(spec, 10 * layer + s), dst_tp)[rank]
+                at = dst_regions.page_addr(layer, d) - dst.data_ptr()
+                want[at: at + page.size] = page
+        assert np.array_equal(dst.cpu().numpy(), want), spec.family
+
+
 def test_bench_runs_every_strategy_on_the_gpus(tmp_path):
     """`ssm-split bench` on VRAM (src on GPU 0, dst on GPU 1 when there are two): every
     strategy verified byte for byte through the Reader, and its record says where."""

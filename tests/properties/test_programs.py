@@ -23,7 +23,8 @@ from ssm_split import GDNSpec, Mamba2Spec, RegionSet, plan_reads, reference
 from ssm_split.errors import PlanError
 from ssm_split.layout import Buffer
 from ssm_split.strategies import (CopyTable, PackLayout, apply_packed, direct_program, fetch_reads,
-                                  pack_copies, pack_plan, packed_program, peer_program, staged_program)
+                                  mapped_regions, pack_copies, pack_plan, packed_program, peer_program,
+                                  staged_program)
 from tests.strategies import paddings, rank_cases, seeds
 
 POISON, SRC_FILL = 0xE7, 0x3C
@@ -206,9 +207,13 @@ def test_peer_program_copies_from_the_mapped_pages(batch):
                                                   layer.page_stride_nbytes, layer.num_blocks, layer.buffer)
                                       for layer in regions.layers), (Buffer(at, buffer.nbytes, 7),)))
         dst_mem.add(at, world.src_mems[rank].spans[0][1])
+    assert all(m == mapped_regions(r, [b.addr for b in m.buffers], 7)
+               for m, r in zip(mapped, world.src_regions))  # the core's own mapping agrees
     program = peer_program(world.plan, mapped, world.dst_regions, world.pairs, layers=world.layers)
     assert len(program.waves) == 1 and not program.waves[0].reads
-    _run_copies(program.waves[0].scatter, dst_mem)
+    paged = program.waves[0].scatter
+    assert paged.total_nbytes == program.nbytes and paged.expand().total_nbytes == program.nbytes
+    _run_copies(paged.expand(), dst_mem)
     world.check()
 
 
