@@ -20,7 +20,9 @@ Main entry points:
 - `replicated_transfer_cases()`: `(spec, src_tp, dst_tp)` with different TP sizes and
   B/C groups or GDN key heads replicated on at least one side;
 - `unshardable_cases()`: `(spec, tp)` that sharding must reject;
-- `paddings()`: extra bytes after a page's content.
+- `paddings()`: extra bytes after a page's content;
+- `strided_layouts()`: per-layer bases, page sizes, strides and block counts of one
+  memory (what `RegionSet.strided` takes), non-overlapping by construction.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ __all__ = [
     "unshardable_cases",
     "paddings",
     "seeds",
+    "strided_layouts",
 ]
 
 FAMILIES: tuple[str, ...] = ("mamba2", "gdn", "mamba1", "short_conv", "linear_attention")
@@ -238,3 +241,28 @@ def paddings(*, max_nbytes: int = 48) -> st.SearchStrategy[int]:
 def seeds() -> st.SearchStrategy[int]:
     """A seed for `ssm_split.reference.random_state`."""
     return st.integers(0, 2**32 - 1)
+
+
+@st.composite
+def strided_layouts(draw, *, max_layers: int = 4, max_blocks: int = 5,
+                    min_page_nbytes: int = 1, max_page_nbytes: int = 64) -> dict:
+    """Keyword arguments of `RegionSet.strided` for one memory that starts at 0: per
+    layer a page size, a stride of at least that size (a padded page) and a block
+    count; layers laid one after another with an optional gap. Offsets only: add a
+    base address.
+
+    Returns `{"base_addrs", "page_nbytes", "page_stride_nbytes", "num_blocks",
+    "nbytes"}`, lists of ints (one per layer) and the memory's size."""
+    num_layers = draw(st.integers(1, max_layers))
+    page = draw(st.integers(min_page_nbytes, max_page_nbytes))
+    pages = draw(st.lists(st.just(page) | st.integers(min_page_nbytes, max_page_nbytes),
+                          min_size=num_layers, max_size=num_layers))
+    strides = [p + draw(st.integers(0, 32)) for p in pages]
+    blocks = draw(st.lists(st.integers(1, max_blocks), min_size=num_layers, max_size=num_layers))
+    bases, cursor = [], 0
+    for p, s, n in zip(pages, strides, blocks):
+        cursor += draw(st.integers(0, 16))
+        bases.append(cursor)
+        cursor += (n - 1) * s + p
+    return {"base_addrs": bases, "page_nbytes": pages, "page_stride_nbytes": strides,
+            "num_blocks": blocks, "nbytes": cursor}

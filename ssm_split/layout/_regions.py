@@ -11,6 +11,12 @@ A NIXL descriptor never crosses a buffer's bounds, so reads never merge across b
         [b0 l0][b0 l1][b1 l0][b1 l1][b2 l0][b2 l1]      one buffer
     RegionSet.per_layer([base0, base1], num_blocks=3, page_nbytes=P)
         [l0 b0][l0 b1][l0 b2]   [l1 b0][l1 b1][l1 b2]   one buffer per layer
+    RegionSet.strided([base0, base1], page_nbytes=P, page_stride_nbytes=S, num_blocks=3,
+                      buffer=Buffer(addr, nbytes))
+        any per-layer bases, strides and block counts; one buffer for all, or one each
+
+Every address lies in `[0, 2**64)`: a page or buffer that would end past `2**64` is
+refused when it is built, so descriptors never wrap around.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ import numpy as np
 
 from ..errors import PlanError
 
-__all__ = ["Buffer", "LayerRegion", "RegionSet"]
+__all__ = ["ADDRESS_LIMIT", "Buffer", "LayerRegion", "RegionSet"]
 
 _U64 = np.uint64
+ADDRESS_LIMIT = 1 << 64
+"""Addresses are 64-bit: every byte of a page or buffer lies below this."""
 
 
 def _check_int(owner: str, name: str, value: object, minimum: int = 0) -> None:
@@ -49,6 +57,10 @@ class Buffer:
 
     def __post_init__(self) -> None:
         _check_fields(self, addr=0, nbytes=1, device_id=0)
+        if self.addr + self.nbytes > ADDRESS_LIMIT:
+            raise PlanError(
+                f"Buffer: {self.nbytes} bytes at {self.addr:#x} end past 2**64; an address "
+                f"is 64 bits. Pass the buffer's real address and size.")
 
     @property
     def end(self) -> int:
@@ -79,6 +91,11 @@ class LayerRegion:
                 f"{self.page_stride_nbytes} bytes apart overlap. The page stride must be "
                 f">= the page size."
             )
+        if self.base_addr + self.extent_nbytes > ADDRESS_LIMIT:
+            raise PlanError(
+                f"LayerRegion: {self.num_blocks} pages of {self.page_nbytes} bytes spaced "
+                f"{self.page_stride_nbytes} bytes apart from {self.base_addr:#x} end past "
+                f"2**64; an address is 64 bits. Check the base address and the block count.")
 
     @property
     def extent_nbytes(self) -> int:
@@ -184,3 +201,65 @@ class RegionSet:
                        for i, addr in enumerate(base_addrs))
         buffers = tuple(Buffer(addr, num_blocks * page_nbytes, device_id) for addr in base_addrs)
         return cls(layers, buffers)
+
+    @classmethod
+    def strided(cls, base_addrs: object, *, page_nbytes: object, page_stride_nbytes: object,
+                num_blocks: object, buffer: Buffer | None = None, device_id: int = 0) -> "RegionSet":
+        """One layer per base address, each with its own page size, stride and block count.
+
+        Args:
+            base_addrs: per layer, the address of block 0's page; a sequence, a 1-D
+                numpy array or anything with `tolist()` (a CPU torch tensor) of ints.
+            page_nbytes, page_stride_nbytes, num_blocks: one int for every layer, or one
+                per layer (same kinds as `base_addrs`). The page of block `b` of layer
+                `l` is `page_nbytes[l]` bytes at `base_addrs[l] + b * page_stride_nbytes[l]`.
+            buffer: the one registered allocation holding every layer's pages (e.g. an
+                engine's whole cache); default: one buffer per layer covering exactly its
+                pages, so nothing merges across layers.
+            device_id: the device of the default buffers (ignored with `buffer`).
+
+        Raises:
+            PlanError: a value that is not an int of the right range (floats and bools
+                included), lists of different lengths, pages that overlap, leave
+                `buffer` or end past 2**64.
+
+        Example: two layers 1 MiB apart, pages of 300 bytes every 512 bytes, 4 blocks::
+
+            RegionSet.strided([0x1000, 0x101000], page_nbytes=300, page_stride_nbytes=512,
+                              num_blocks=4)
+        """
+        bases = _int_list("RegionSet.strided", "base_addrs", base_addrs, None)
+        if not bases:
+            raise PlanError("RegionSet.strided: `base_addrs` must name at least one layer.")
+        count = len(bases)
+        pages = _int_list("RegionSet.strided", "page_nbytes", page_nbytes, count)
+        strides = _int_list("RegionSet.strided", "page_stride_nbytes", page_stride_nbytes, count)
+        blocks = _int_list("RegionSet.strided", "num_blocks", num_blocks, count)
+        if buffer is not None and not isinstance(buffer, Buffer):
+            raise PlanError(f"RegionSet.strided: `buffer` must be a Buffer or None, got "
+                            f"{type(buffer).__name__}.")
+        layers = tuple(LayerRegion(base, page, stride, n, buffer=0 if buffer is not None else i)
+                       for i, (base, page, stride, n) in enumerate(zip(bases, pages, strides, blocks)))
+        if buffer is not None:
+            return cls(layers, (buffer,))
+        return cls(layers, tuple(Buffer(r.base_addr, r.extent_nbytes, device_id) for r in layers))
+
+
+def _int_list(owner: str, name: str, value: object, count: int | None) -> list:
+    """`value` as a list of `count` entries (an int is repeated; `count=None`: a
+    sequence is required). Entries keep their type, so the dataclass checks reject
+    floats and bools; numpy and torch scalars become Python numbers first."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and count is not None:
+        return [int(value)] * count
+    if isinstance(value, np.ndarray) or hasattr(value, "tolist"):
+        items = value.tolist()  # numpy arrays, torch tensors: Python ints or floats
+        items = items if isinstance(items, list) else [items]
+    elif isinstance(value, (list, tuple)):
+        items = [v.item() if isinstance(v, np.generic) else v for v in value]
+    else:
+        raise PlanError(f"{owner}: `{name}` must be an int or a sequence of ints, got "
+                        f"{type(value).__name__}.")
+    if count is not None and len(items) != count:
+        raise PlanError(f"{owner}: `{name}` has {len(items)} entries for {count} layers; give "
+                        f"one int for all layers or one per layer.")
+    return items
