@@ -1,66 +1,58 @@
-"""Plans -> what a vLLM NIXL connector registers: (offset, size) pairs and descriptors.
+"""Plans -> what a vLLM NIXL connector registers and posts, through the core's expansion.
 
 vLLM's NIXL connector pulls: the decode engine (dst, vLLM's "local" side) reads from the
-prefill engine (src, "remote"). For each SSM layer it registers local and remote
-descriptors pairwise; pair i copies `remote[i]` into `local[i]`. Today it derives them
-from its own arithmetic (one descriptor per conv sub-projection plus one for the
-temporal state); with ssm_split they come from a `Plan`, one pair per read:
+prefill engine (src, "remote"). For each Mamba region (one per layer slot, see
+`_vllm_regions`) it registers descriptors on both sides and posts READs between them.
+These helpers give it ssm_split's reads in those forms. They compute no address
+themselves: each builds the two sides' `RegionSet`s (`RegionSet.strided`) from the
+numbers a connector has (base addresses, page strides, block counts) and calls
+`ssm_split.expand.expand_plan` or `prepare_tables`, so block ranges, repeated dst
+blocks, addresses outside `[0, 2**64)` and pages too small for the plan are refused by
+the same code as everywhere else.
 
-    for each src rank r the plan reads from:
-        local  = [(dst_offset, nbytes) of each read from r]     # in the dst page
-        remote = [(src_offset, nbytes) of each read from r]     # in r's page
+    connector_read_offsets(plan)   per src rank: (offset, nbytes) in a page, both sides
+    pair_blocks(src_ids, dst_ids)  vLLM's per-request block lists -> (N, 2) block_pairs
+    block_descriptors(plan, block_pairs, ...)   -> Expansion: (addr, nbytes, device) rows
+    strided_descriptors(plan, ...)              -> RankTables: (addr, nbytes, device,
+                                                   stride, count) rows, prepared once
 
-A page of logical block b of layer i starts at `base_addr[i] + b * page_stride`, where
-vLLM's stride is `block_stride[i] * physical_blocks_per_logical` (`page_stride_nbytes`):
-the padded page (`MambaSpec.page_size_padded`) when the state is not split into kernel
-blocks. The two sides may have different strides.
+Block ids: vLLM gives every KV-cache group its own block table, and all groups alias
+the same slots. A request's Mamba state is its block of each group, so its
+`block_pairs` has one row `(src_block, dst_block)` per group, and `layers=` (slots) is
+needed only for a group that uses fewer slots than the others.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import BlockRangeError, PlanError
+from ..expand._expand import Expansion, expand_plan
+from ..expand._prepared import RankTables, prepare_tables
+from ..layout._regions import RegionSet
 from ..plan._plan import Plan
 
-__all__ = ["ConnectorReads", "BlockDescriptors", "connector_read_offsets", "page_stride_nbytes",
-           "block_descriptors", "strided_descriptors"]
+__all__ = ["ConnectorReads", "connector_read_offsets", "pair_blocks", "block_descriptors",
+           "strided_descriptors"]
 
 
 @dataclass(frozen=True, slots=True)
 class ConnectorReads:
-    """The descriptor pairs of one dst rank for one src rank, within one page.
+    """The reads of one dst rank from one src rank, within one page.
 
     Attributes:
         src_rank: the src rank read from.
-        local_offsets: `(dst_offset, nbytes)` per read, from the start of the dst page.
-        remote_offsets: `(src_offset, nbytes)` per read, from the start of `src_rank`'s
-            page; `remote_offsets[i]` is copied to `local_offsets[i]`.
+        src_ranges: `(src_offset, nbytes)` per read, from the start of `src_rank`'s page.
+        dst_ranges: `(dst_offset, nbytes)` per read, from the start of the dst page;
+            `src_ranges[i]` is copied to `dst_ranges[i]`.
     """
 
     src_rank: int
-    local_offsets: tuple[tuple[int, int], ...]
-    remote_offsets: tuple[tuple[int, int], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class BlockDescriptors:
-    """Descriptor pairs for a batch of blocks, for one src rank.
-
-    Attributes:
-        src_rank: the src rank read from.
-        local: `(addr, nbytes)` in the dst engine's memory, ordered by layer, then read,
-            then block (vLLM's order of SSM descriptors).
-        remote: `(addr, nbytes)` in `src_rank`'s memory, pairwise with `local`.
-    """
-
-    src_rank: int
-    local: tuple[tuple[int, int], ...]
-    remote: tuple[tuple[int, int], ...]
+    src_ranges: tuple[tuple[int, int], ...]
+    dst_ranges: tuple[tuple[int, int], ...]
 
 
 def _check_plan(plan: object) -> Plan:
@@ -71,186 +63,164 @@ def _check_plan(plan: object) -> Plan:
 
 
 def connector_read_offsets(plan: Plan) -> tuple[ConnectorReads, ...]:
-    """The per-page (offset, size) pairs of `plan`, grouped by src rank (ascending).
+    """The per-page `(offset, nbytes)` pairs of `plan`, grouped by src rank (ascending):
+    what replaces the sub-projection loop of vLLM's `_build_mamba_local` / `_remote`.
 
-    Example: Granite-4.0-H-Tiny, src TP1 -> dst TP2, dst rank 0 gives one entry for src
-    rank 0 with local `[(0, 9216), (9216, 787968)]` and remote `[(0, 9216), (18432,
-    787968)]`: x, then B, C and the rank's temporal heads in one read.
+    Example: Granite-4.0-H-Tiny (bf16 state), src TP1 -> dst TP2, dst rank 0: one entry
+    for src rank 0 with `src_ranges ((0, 9216), (18432, 394752))` and `dst_ranges ((0,
+    9216), (9216, 394752))`: x, then B, C and the rank's temporal heads in one read.
     """
     _check_plan(plan)
     return tuple(
         ConnectorReads(rank,
-                       tuple((r.dst_offset, r.nbytes) for r in plan.reads_from(rank)),
-                       tuple((r.src_offset, r.nbytes) for r in plan.reads_from(rank)))
+                       tuple((r.src_offset, r.nbytes) for r in plan.reads_from(rank)),
+                       tuple((r.dst_offset, r.nbytes) for r in plan.reads_from(rank)))
         for rank in plan.src_ranks)
 
 
-def page_stride_nbytes(block_stride_nbytes: int, content_nbytes: int,
-                       physical_blocks_per_logical: int | None = None) -> int:
-    """vLLM's distance between the pages of consecutive logical blocks of one layer.
+def _host_array(values: object) -> np.ndarray:
+    """numpy view of a list, array or (CPU or CUDA) torch tensor; values unchecked."""
+    if hasattr(values, "detach") and hasattr(values, "cpu"):  # a torch tensor
+        values = values.detach().cpu().numpy()
+    return np.asarray(values)
 
-    Args:
-        block_stride_nbytes: the layer's kernel-block stride (vLLM's `block_strides[i]`
-            or `block_len_per_layer[i]`; the padded page size when blocks are not split).
-        content_nbytes: bytes of state in the page (the plan's `src_content_nbytes` or
-            `dst_content_nbytes`; vLLM's `sum(ssm_sizes)`).
-        physical_blocks_per_logical: kernel blocks per logical block, as the engine
-            reports it; default `ceil(content / block_stride)`, vLLM's own rule.
+
+def pair_blocks(src_block_ids: object, dst_block_ids: object) -> np.ndarray:
+    """`block_pairs` of shape `(N, 2)`, rows `(src_block_ids[i], dst_block_ids[i])`, from
+    the two block lists of a request (vLLM's remote and local block ids); lists, numpy
+    arrays or torch tensors. The ids are checked where they are used (`expand_plan`).
 
     Raises:
-        PlanError: non-positive sizes, or a stride too small to hold the content.
+        BlockRangeError: the lists have different lengths or are not 1-D.
     """
-    for name, value in (("block_stride_nbytes", block_stride_nbytes),
-                        ("content_nbytes", content_nbytes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PlanError(f"`{name}` must be an int >= 1, got {value!r}.")
-    ratio = physical_blocks_per_logical
-    if ratio is None:
-        ratio = math.ceil(content_nbytes / block_stride_nbytes)
-    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
-        raise PlanError(f"`physical_blocks_per_logical` must be an int >= 1, got {ratio!r}.")
-    stride = block_stride_nbytes * ratio
-    if stride < content_nbytes:
-        raise PlanError(f"{ratio} kernel block(s) of {block_stride_nbytes} bytes cannot hold "
-                        f"a page of {content_nbytes} bytes of state; pass the engine's real "
-                        f"`physical_blocks_per_logical`.")
-    return stride
+    src, dst = _host_array(src_block_ids), _host_array(dst_block_ids)
+    if src.ndim != 1 or dst.ndim != 1 or src.shape != dst.shape:
+        raise BlockRangeError(f"{src.shape} src block ids but {dst.shape} dst block ids: give two "
+                              f"1-D lists of equal length; src_block_ids[i] is copied into "
+                              f"dst_block_ids[i].")
+    return np.stack([src, dst], axis=1)
 
 
-def _per_layer(value: int | Sequence[int], num_layers: int, name: str) -> tuple[int, ...]:
-    values = (value,) * num_layers if isinstance(value, (int, np.integer)) else tuple(value)
-    if len(values) != num_layers or any(isinstance(v, bool) or not isinstance(v, (int, np.integer))
-                                      or v < 1 for v in values):
-        raise PlanError(f"`{name}` must be an int >= 1 or one per layer ({num_layers}), got {value!r}.")
-    return tuple(int(v) for v in values)
+def _side_regions(base_addrs: object, page_stride_nbytes: object, num_blocks: object,
+                  page_nbytes: object, device_id: object) -> RegionSet:
+    return RegionSet.strided(
+        base_addrs, page_nbytes=page_stride_nbytes if page_nbytes is None else page_nbytes,
+        page_stride_nbytes=page_stride_nbytes, num_blocks=num_blocks, device_id=device_id)
 
 
-def _src_bases(src_base_addrs: Mapping[int, Sequence[int]] | Sequence[Sequence[int]],
-               plan: Plan, num_layers: int) -> dict[int, tuple[int, ...]]:
-    bases = {}
+def _rank_entry(value: object, rank: int, name: str, *, scalar_ok: bool) -> object:
+    """`value[rank]` of a per-src-rank mapping or sequence (an int stands for every rank
+    when `scalar_ok`)."""
+    if scalar_ok and isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, Mapping):
+        if rank not in value:
+            raise PlanError(f"`{name}` has no entry for src rank {rank}, which the plan reads "
+                            f"from (given: {sorted(value)}).")
+        return value[rank]
+    if hasattr(value, "__getitem__") and hasattr(value, "__len__") and not isinstance(value, (str, bytes)):
+        if rank >= len(value):
+            raise PlanError(f"`{name}` lists {len(value)} src ranks, but the plan reads from src "
+                            f"rank {rank}; give one entry per src rank.")
+        entry = value[rank]
+        if not scalar_ok and isinstance(entry, (int, np.integer)):
+            raise PlanError(f"`{name}[{rank}]` is {entry}, not a list of region addresses: give "
+                            f"per src rank the addresses of its regions, e.g. {{{rank}: [addr, ...]}}.")
+        return entry
+    raise PlanError(f"`{name}` must be a mapping {{src_rank: ...}} or a sequence indexed by src "
+                    f"rank, got {type(value).__name__}.")
+
+
+def _regions(plan: Plan, src: dict, dst: dict) -> tuple[dict[int, RegionSet], RegionSet]:
+    """Both sides' `RegionSet`s from the helpers' keyword arguments."""
+    dst_regions = _side_regions(dst["base_addrs"], dst["page_stride_nbytes"], dst["num_blocks"],
+                                dst["page_nbytes"], dst["device_id"])
+    src_regions = {}
     for rank in plan.src_ranks:
-        try:
-            rank_bases = tuple(int(a) for a in src_base_addrs[rank])
-        except (KeyError, IndexError):
-            raise PlanError(f"`src_base_addrs` has no entry for src rank {rank}, which the "
-                            f"plan reads from.") from None
-        if len(rank_bases) != num_layers:
-            raise PlanError(f"`src_base_addrs[{rank}]` has {len(rank_bases)} layers, "
-                            f"`dst_base_addrs` {num_layers}; both sides list the same layers.")
-        bases[rank] = rank_bases
-    return bases
+        src_regions[rank] = _side_regions(
+            _rank_entry(src["base_addrs"], rank, "src_base_addrs", scalar_ok=False),
+            src["page_stride_nbytes"], src["num_blocks"], src["page_nbytes"],
+            _rank_entry(src["device_ids"], rank, "src_device_ids", scalar_ok=True))
+    return src_regions, dst_regions
 
 
-def _check_strides(strides: tuple[int, ...], content: int, side: str) -> None:
-    if min(strides) < content:
-        raise PlanError(f"A {side} page stride of {min(strides)} bytes is smaller than the "
-                        f"{content} bytes of state in a {side} page; pages would overlap. "
-                        f"Compute it with `page_stride_nbytes`.")
+_MEMORY_DOC = """
+        src_base_addrs: per src rank (a mapping `{src_rank: addrs}` or a sequence
+            indexed by rank), the address of block 0's page in each Mamba region (vLLM's
+            `kv_caches_base_addr` of the SSM regions). Lists, numpy arrays or tensors.
+        src_page_stride_nbytes: bytes between consecutive pages of a src region, one int
+            or one per region (`page_stride_nbytes(block_strides[i], ratio)`; the padded
+            page when blocks are not split).
+        src_num_blocks: logical blocks per src region (one int or one per region).
+        dst_base_addrs, dst_page_stride_nbytes, dst_num_blocks: the same for the dst rank.
+        src_page_nbytes, dst_page_nbytes: bytes of each page (default: the stride).
+        src_device_ids: the src ranks' device ids (an int for all, or per rank);
+            dst_device_id: the dst rank's."""
 
 
-def _block_ids(values: Sequence[int], name: str) -> tuple[int, ...]:
-    ids = tuple(values)
-    if any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 0 for b in ids):
-        raise BlockRangeError(f"`{name}` must hold block ids >= 0, got {list(values)!r}.")
-    return tuple(int(b) for b in ids)
-
-
-
-def _layer_memory(plan: Plan, dst_base_addrs, dst_page_stride_nbytes, src_base_addrs,
-                  src_page_stride_nbytes):
-    """Checked per-layer `(dst_bases, dst_strides, src_bases, src_strides)`: bases and
-    strides in bytes, one per layer; `src_bases[src_rank][layer]`."""
-    dst_bases = tuple(int(a) for a in dst_base_addrs)
-    num_layers = len(dst_bases)
-    dst_strides = _per_layer(dst_page_stride_nbytes, num_layers, "dst_page_stride_nbytes")
-    src_strides = _per_layer(src_page_stride_nbytes, num_layers, "src_page_stride_nbytes")
-    _check_strides(dst_strides, plan.dst_content_nbytes, "dst")
-    _check_strides(src_strides, plan.src_content_nbytes, "src")
-    return dst_bases, dst_strides, _src_bases(src_base_addrs, plan, num_layers), src_strides
-
-def block_descriptors(plan: Plan, dst_block_ids: Sequence[int], src_block_ids: Sequence[int], *,
-                      dst_base_addrs: Sequence[int],
-                      dst_page_stride_nbytes: int | Sequence[int],
-                      src_base_addrs: Mapping[int, Sequence[int]] | Sequence[Sequence[int]],
-                      src_page_stride_nbytes: int | Sequence[int]) -> tuple[BlockDescriptors, ...]:
-    """Absolute descriptor pairs for copying src blocks into dst blocks, per src rank.
+def block_descriptors(plan: Plan, block_pairs: object, *, src_base_addrs: object,
+                      src_page_stride_nbytes: object, src_num_blocks: object,
+                      dst_base_addrs: object, dst_page_stride_nbytes: object,
+                      dst_num_blocks: object, src_page_nbytes: object = None,
+                      dst_page_nbytes: object = None, src_device_ids: object = 0,
+                      dst_device_id: int = 0, layers: object = None) -> Expansion:
+    """The descriptors of one batch, per src rank: `expand_plan` over vLLM's regions.
 
     Args:
-        plan: the dst rank's plan.
-        dst_block_ids, src_block_ids: logical block ids of the request on each side;
-            `src_block_ids[j]` is copied into `dst_block_ids[j]`.
-        dst_base_addrs: per SSM layer, the address of block 0's page in dst memory.
-        dst_page_stride_nbytes: the dst page stride, one for all layers or one per layer
-            (`page_stride_nbytes`).
-        src_base_addrs: per src rank (mapping or sequence indexed by rank), its per-layer
-            base addresses, as its handshake reports them.
-        src_page_stride_nbytes: the src page stride (every src rank has the same).
+        plan: the dst rank's plan (`ssm_split.plan_reads`).
+        block_pairs: shape `(N, 2)` `(src_block, dst_block)` rows (a list, numpy array
+            or torch tensor; `pair_blocks` builds it from two lists), one per request and
+            KV-cache group; dst blocks distinct.
+        layers: the regions (slots) to move, default all.{memory}
 
     Returns:
-        One `BlockDescriptors` per src rank the plan reads from (ascending), with
-        `layers x reads x blocks` pairs each.
+        The `Expansion`: per src rank (`.ranks`), `dst_descs` and `src_descs`, `(M, 3)`
+        uint64 `(addr, nbytes, device_id)`, pairwise, merged where contiguous.
 
     Raises:
-        PlanError: inconsistent layer counts, missing src ranks, strides smaller than
-            a page's state.
-        BlockRangeError: negative block ids, or lists of different lengths.
+        BlockRangeError: a block id or layer outside a side's regions.
+        PlanError: a repeated dst block, malformed ids, addresses outside
+            `[0, 2**64)`, pages smaller than the plan's content, a missing src rank.
     """
     _check_plan(plan)
-    dst_blocks, src_blocks = _block_ids(dst_block_ids, "dst_block_ids"), _block_ids(src_block_ids, "src_block_ids")
-    if len(dst_blocks) != len(src_blocks):
-        raise BlockRangeError(f"{len(dst_blocks)} dst blocks but {len(src_blocks)} src blocks; "
-                              f"each dst block is filled from one src block.")
-    dst_bases, dst_strides, src_bases, src_strides = _layer_memory(
-        plan, dst_base_addrs, dst_page_stride_nbytes, src_base_addrs, src_page_stride_nbytes)
-    num_layers = len(dst_bases)
-    result = []
-    for pairs in connector_read_offsets(plan):
-        local, remote = [], []
-        for layer in range(num_layers):
-            for (dst_offset, nbytes), (src_offset, _) in zip(pairs.local_offsets, pairs.remote_offsets):
-                for dst_block, src_block in zip(dst_blocks, src_blocks):
-                    local.append((dst_bases[layer] + dst_block * dst_strides[layer] + dst_offset, nbytes))
-                    remote.append((src_bases[pairs.src_rank][layer] + src_block * src_strides[layer]
-                                   + src_offset, nbytes))
-        result.append(BlockDescriptors(pairs.src_rank, tuple(local), tuple(remote)))
-    return tuple(result)
+    src_regions, dst_regions = _regions(
+        plan, {"base_addrs": src_base_addrs, "page_stride_nbytes": src_page_stride_nbytes,
+               "num_blocks": src_num_blocks, "page_nbytes": src_page_nbytes, "device_ids": src_device_ids},
+        {"base_addrs": dst_base_addrs, "page_stride_nbytes": dst_page_stride_nbytes,
+         "num_blocks": dst_num_blocks, "page_nbytes": dst_page_nbytes, "device_id": dst_device_id})
+    return expand_plan(plan, src_regions, dst_regions, _host_array(block_pairs),
+                       layers=None if layers is None else _host_array(layers))
 
 
-def strided_descriptors(plan: Plan, *, dst_base_addrs: Sequence[int],
-                        dst_page_stride_nbytes: int | Sequence[int], dst_num_blocks: int,
-                        src_base_addrs: Mapping[int, Sequence[int]] | Sequence[Sequence[int]],
-                        src_page_stride_nbytes: int | Sequence[int], src_num_blocks: int,
-                        dst_device_id: int = 0,
-                        src_device_ids: Mapping[int, int] | Sequence[int] | int = 0,
-                        ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Every block of every layer as strided rows, the form vLLM 0.33 registers.
+def strided_descriptors(plan: Plan, *, src_base_addrs: object, src_page_stride_nbytes: object,
+                        src_num_blocks: object, dst_base_addrs: object,
+                        dst_page_stride_nbytes: object, dst_num_blocks: object,
+                        src_page_nbytes: object = None, dst_page_nbytes: object = None,
+                        src_device_ids: object = 0, dst_device_id: int = 0) -> tuple[RankTables, ...]:
+    """Every descriptor the plan can need, as NIXL's strided rows: `prepare_tables` over
+    vLLM's regions, one `RankTables` per src rank the plan reads from (ascending).
 
-    Each row is `(addr, nbytes, device_id, stride, count)`: `count` ranges of `nbytes`
-    bytes whose starts are `stride` apart (NIXL >= 1.5 prepares such rows directly).
-    One row per layer and read, layer-major, as `_build_mamba_local` / `_remote` order
-    theirs; a read of block b then has descriptor index `row * count + b`.
+    Each side's table has one row `(addr, nbytes, device_id, stride, count)` per
+    (region, read): `count` pages `stride` bytes apart, the form vLLM 0.33's
+    `_build_mamba_local` registers. Descriptor `(region l, read j, block b)` has index
+    `row_start[l, j] + b`; `ssm_split.expand.index_batch(tables, block_pairs)` gives a
+    batch's index arrays.
 
-    Returns:
-        src rank -> `(local_rows, remote_rows)`, two `(layers * reads, 5)` uint64 arrays.
+    Args:{memory}
 
     Raises:
-        PlanError: as for `block_descriptors`; block counts < 1.
+        PlanError: as `block_descriptors` (addresses, page sizes, missing src ranks,
+            overlapping dst pages).
     """
     _check_plan(plan)
-    for name, value in (("dst_num_blocks", dst_num_blocks), ("src_num_blocks", src_num_blocks)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PlanError(f"`{name}` must be an int >= 1, got {value!r}.")
-    dst_bases, dst_strides, src_bases, src_strides = _layer_memory(
-        plan, dst_base_addrs, dst_page_stride_nbytes, src_base_addrs, src_page_stride_nbytes)
-    num_layers = len(dst_bases)
-    result = {}
-    for pairs in connector_read_offsets(plan):
-        rank = pairs.src_rank
-        device = src_device_ids if isinstance(src_device_ids, int) else src_device_ids[rank]
-        local = [(dst_bases[i] + off, n, dst_device_id, dst_strides[i], dst_num_blocks)
-                 for i in range(num_layers) for off, n in pairs.local_offsets]
-        remote = [(src_bases[rank][i] + off, n, device, src_strides[i], src_num_blocks)
-                  for i in range(num_layers) for off, n in pairs.remote_offsets]
-        result[rank] = (np.array(local, dtype=np.uint64).reshape(-1, 5),
-                        np.array(remote, dtype=np.uint64).reshape(-1, 5))
-    return result
+    src_regions, dst_regions = _regions(
+        plan, {"base_addrs": src_base_addrs, "page_stride_nbytes": src_page_stride_nbytes,
+               "num_blocks": src_num_blocks, "page_nbytes": src_page_nbytes, "device_ids": src_device_ids},
+        {"base_addrs": dst_base_addrs, "page_stride_nbytes": dst_page_stride_nbytes,
+         "num_blocks": dst_num_blocks, "page_nbytes": dst_page_nbytes, "device_id": dst_device_id})
+    return tuple(prepare_tables(plan, rank, src_regions[rank], dst_regions) for rank in plan.src_ranks)
+
+
+for _helper in (block_descriptors, strided_descriptors):
+    if _helper.__doc__:  # None under python -OO
+        _helper.__doc__ = _helper.__doc__.replace("{memory}", _MEMORY_DOC)
