@@ -17,10 +17,16 @@ recognised too. Each family reads its own fields:
 | lfm2 | ShortConvSpec | `conv_dim` (else `hidden_size`), `conv_L_cache` |
 | minimax_text_01, minimax_m1 | LinearAttentionSpec | `num_attention_heads`, `head_dim` |
 
-dtypes: the conv state is bfloat16; the temporal state is float32 for Mamba2 and KDA and
-bfloat16 otherwise, unless the config names `mamba_ssm_dtype` (or
-`mamba_ssm_cache_dtype`); KDA's state is always float32. The conv layout is "DS" and
-there are no speculative tokens: change either with `dataclasses.replace`.
+dtypes: what vLLM 0.33 holds with its default cache settings (`--mamba-cache-dtype auto
+--mamba-ssm-cache-dtype auto`) for a bfloat16 checkpoint. The conv state is bfloat16
+(the model's dtype). The temporal state is the dtype the config names in
+`mamba_ssm_dtype` or `mamba_ssm_cache_dtype` (Qwen3.5 names float32); otherwise float32
+where vLLM defaults to it (Nemotron-H, and KDA, whose state is always float32) and the
+conv state's bfloat16 elsewhere (Granite-4.0-H, Falcon-H1, Bamba, Mamba2, Jamba, Mamba1,
+Qwen3-Next). An engine started with another `--mamba-ssm-cache-dtype` holds that dtype
+instead: `dataclasses.replace(spec, ssm_dtype="float32")`, or read the engine's own
+`MambaSpec` with `ssm_split.integrations.vllm.spec_from_vllm`. The conv layout is "DS"
+and there are no speculative tokens: change either with `dataclasses.replace`.
 
 The number of layers that carry the state is read from whichever description the
 family uses: `layer_types`, `hybrid_override_pattern`, `layers_block_type`,
@@ -176,7 +182,9 @@ def _kda(r: _Reader) -> tuple[Spec, str, int]:
 
 
 def _mamba2_spec(r: _Reader, heads: str, head_dim: str, groups: str, state: str, kernel: str,
-                 d_ssm: str | None = None) -> Mamba2Spec:
+                 d_ssm: str | None = None, ssm_default: str = "bfloat16") -> Mamba2Spec:
+    """A Mamba2 spec; the temporal dtype defaults to `ssm_default` (vLLM's default for the
+    model type) unless the config names one."""
     num_heads = r.integer(heads)
     if r.get(head_dim) is not None:
         dim = r.integer(head_dim)
@@ -189,12 +197,12 @@ def _mamba2_spec(r: _Reader, heads: str, head_dim: str, groups: str, state: str,
                       f"{num_heads} * {dim}; the config is inconsistent.")
     return Mamba2Spec(num_heads=num_heads, head_dim=dim, num_groups=r.integer(groups, 1),
                       state_size=r.integer(state), conv_kernel=r.integer(kernel, 4),
-                      ssm_dtype=r.ssm_dtype("float32"))
+                      ssm_dtype=r.ssm_dtype(ssm_default))
 
 
 def _nemotron_h(r: _Reader) -> tuple[Spec, str, int]:
     spec = _mamba2_spec(r, "mamba_num_heads", "mamba_head_dim", "n_groups", "ssm_state_size",
-                        "conv_kernel")
+                        "conv_kernel", ssm_default="float32")  # vLLM's NemotronH default
     pattern = r.get("hybrid_override_pattern")
     if isinstance(pattern, str):
         if r.get("num_hidden_layers") is not None and len(pattern) != r.num_layers():
@@ -252,7 +260,7 @@ def _mamba_ssm(r: _Reader) -> tuple[Spec, str, int]:
             raise r.error(f"the Mamba2 width {inner} is not a multiple of headdim {head_dim}.")
         spec: Spec = Mamba2Spec(num_heads=inner // head_dim, head_dim=head_dim,
                                 num_groups=sub.integer("ngroups", 1), state_size=sub.integer("d_state", 128),
-                                conv_kernel=sub.integer("d_conv", 4), ssm_dtype=r.ssm_dtype("float32"))
+                                conv_kernel=sub.integer("d_conv", 4), ssm_dtype=r.ssm_dtype("bfloat16"))
         return spec, "Mamba2", count
     if layer == "Mamba1":
         spec = Mamba1Spec(intermediate_size=inner, state_size=sub.integer("d_state", 16),

@@ -125,10 +125,11 @@ def test_plan_one_rank_and_summary_only(capsys):
                      "--rank", "1")
     assert rc == 0
     assert "dst rank 1 of tp=2" in out and "dst rank 0 of" not in out
-    # vllm.md 4.1: P [9216, 19968) -> D [0, 10752) and P [806400, 1592832) -> D [10752, 797184)
+    # vllm.md 4.1 with the preset's bf16 state (vLLM's default): P [9216, 19968) -> D [0, 10752)
+    # and P [413184, 806400) -> D [10752, 403968)
     reads = table_rows(out, "src rank")
     assert [r[1:5] for r in reads] == [["[9216,", "19968)", "[0,", "10752)"],
-                                       ["[806400,", "1592832)", "[10752,", "797184)"]]
+                                       ["[413184,", "806400)", "[10752,", "403968)"]]
     rc, out, _ = run(capsys, "plan", "qwen3.5-0.8b", "--src-tp", "4", "--dst-tp", "2", "--summary")
     assert rc == 0 and "src bytes" not in out
     assert [r[4:] for r in table_rows(out, "dst rank")] == [["0", "1"], ["2", "3"]]

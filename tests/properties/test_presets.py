@@ -4,6 +4,7 @@ shapes and sizes, and bad configs fail with a typed error that says what is wron
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from importlib import resources
 
@@ -129,11 +130,11 @@ def test_vllm_published_shapes(name, tp, conv, temporal, widths):
     assert sub_projection_widths(spec, tp) == widths
 
 
-@pytest.mark.parametrize("tp, widths, conv_nbytes, temporal_nbytes", [
-    (1, (3072, 256, 256), 21504, 3145728),
-    (2, (1536, 256, 256), 12288, 1572864),
-    (4, (768, 256, 256), 7680, 786432),
-    (8, (384, 256, 256), 5376, 393216),
+@pytest.mark.parametrize("tp, widths, conv_nbytes, temporal_nbytes", [  # bf16 state, vLLM's default
+    (1, (3072, 256, 256), 21504, 1572864),
+    (2, (1536, 256, 256), 12288, 786432),
+    (4, (768, 256, 256), 7680, 393216),
+    (8, (384, 256, 256), 5376, 196608),
 ])
 def test_falcon_h1_7b_replicates_its_single_group(tp, widths, conv_nbytes, temporal_nbytes):
     spec = model("falcon-h1-7b")
@@ -148,7 +149,9 @@ def test_falcon_h1_7b_cannot_run_on_16_ranks():
 
 
 # Per-layer (conv bytes, temporal bytes) per rank, from vllm.md section 5 and vLLM's
-# compute_physical_blocks_per_logical test (Nemotron-Nano-30B).
+# compute_physical_blocks_per_logical test (Nemotron-Nano-30B). vllm.md assumes a float32
+# Mamba2 state; vLLM 0.33 keeps float32 by default only for Nemotron-H (its config hook):
+# Granite-4.0-H and Mamba2 keep the model's bfloat16, half the bytes.
 VLLM_BYTES = [
     ("nemotron-3-nano-30b-a3b", 1, 36864, 2097152),
     ("nemotron-3-nano-30b-a3b", 2, 18432, 1048576),
@@ -157,10 +160,10 @@ VLLM_BYTES = [
     ("nemotron-h-8b", 8, 7680, 524288),
     ("nemotron-h-56b", 1, 122880, 16777216),
     ("nemotron-h-56b", 8, 15360, 2097152),
-    ("mamba2-2.7b", 1, 32256, 2621440),
+    ("mamba2-2.7b", 1, 32256, 1310720),
     ("jamba-v0.1", 1, 49152, 262144),
     ("qwen3-next-80b-a3b", 1, 49152, 1048576),  # "as Qwen3.5-4B", bf16 state
-    ("granite-4.0-h-tiny", 1, 19968, 1572864),
+    ("granite-4.0-h-tiny", 1, 19968, 786432),
 ]
 
 
@@ -180,11 +183,15 @@ def test_qwen35_state_is_float32_as_its_config_says():
 
 def test_granite_tiny_page_matches_the_worked_example():
     # vllm.md section 4.1: TP1 page x [0, 18432), B [18432, 19200), C [19200, 19968),
-    # temporal [19968, 1592832).
-    segments = page_layout(model("granite-4.0-h-tiny"), 1, 0).segments
-    assert [(s.name, s.offset, s.end) for s in segments] == [
-        ("conv.x", 0, 18432), ("conv.B", 18432, 19200), ("conv.C", 19200, 19968),
-        ("temporal", 19968, 1592832)]
+    # temporal from 19968: to 806400 with vLLM's default bf16 state (the preset), to
+    # 1592832 with --mamba-ssm-cache-dtype float32 (vllm.md's numbers).
+    spec = model("granite-4.0-h-tiny")
+    assert spec.ssm_dtype == "bfloat16"
+    for ssm_dtype, end in (("bfloat16", 806400), ("float32", 1592832)):
+        segments = page_layout(dataclasses.replace(spec, ssm_dtype=ssm_dtype), 1, 0).segments
+        assert [(s.name, s.offset, s.end) for s in segments] == [
+            ("conv.x", 0, 18432), ("conv.B", 18432, 19200), ("conv.C", 19200, 19968),
+            ("temporal", 19968, end)]
 
 
 def test_falcon_h1_34b_has_two_groups():
@@ -295,14 +302,14 @@ def test_plain_hf_mamba_configs():
     codestral = {"architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2",
                  "num_heads": 128, "head_dim": 64, "n_groups": 8, "state_size": 128,
                  "conv_kernel": 4, "num_hidden_layers": 64, "hidden_size": 4096}
-    assert from_hf_config(codestral) == Mamba2Spec(128, 64, 8, 128, ssm_dtype="float32")
+    assert from_hf_config(codestral) == Mamba2Spec(128, 64, 8, 128)  # vLLM: the model's bf16
     mamba1 = {"model_type": "mamba", "intermediate_size": 1536, "state_size": 16,
               "conv_kernel": 4, "num_hidden_layers": 24}
     assert from_hf_config(mamba1) == Mamba1Spec(1536, 16)
 
 
 def test_mamba_ssm_format_uses_its_defaults():
-    assert model("mamba2-2.7b") == Mamba2Spec(80, 64, 1, 128, ssm_dtype="float32")
+    assert model("mamba2-2.7b") == Mamba2Spec(80, 64, 1, 128)  # vLLM: the model's bf16
     mamba1 = {"d_model": 768, "n_layer": 24, "ssm_cfg": {}}
     assert from_hf_config(mamba1) == Mamba1Spec(1536, 16)
     with pytest.raises(SpecError, match="not supported"):
@@ -330,7 +337,7 @@ def test_gdn_config_round_trip(num_k, ratio, head_k, head_v, kernel, num_blocks,
        state=st.sampled_from([16, 128]), pattern=st.text("M*-E", min_size=1, max_size=20))
 def test_nemotron_and_falcon_config_round_trip(heads, group_div, head_dim, state, pattern):
     groups = group_div if heads % group_div == 0 else 1
-    expected = Mamba2Spec(heads, head_dim, groups, state, ssm_dtype="float32")
+    expected = Mamba2Spec(heads, head_dim, groups, state, ssm_dtype="float32")  # vLLM's Nemotron-H default
     nemotron = {"model_type": "nemotron_h", "num_hidden_layers": len(pattern),
                 "hybrid_override_pattern": pattern, "mamba_num_heads": heads,
                 "mamba_head_dim": head_dim, "n_groups": groups, "ssm_state_size": state,
@@ -344,4 +351,4 @@ def test_nemotron_and_falcon_config_round_trip(heads, group_div, head_dim, state
     falcon = {"architectures": ["FalconH1ForCausalLM"], "num_hidden_layers": 3,
               "mamba_n_heads": heads, "mamba_d_ssm": heads * head_dim, "mamba_n_groups": groups,
               "mamba_d_state": state, "mamba_d_conv": 4}
-    assert from_hf_config(falcon) == expected
+    assert from_hf_config(falcon) == dataclasses.replace(expected, ssm_dtype="bfloat16")  # the model's
