@@ -25,6 +25,7 @@ from typing import Iterator
 from ..errors import PlanError
 from ..plan._plan import Read
 from ..specs._spec import GDNSpec, Mamba1Spec, Mamba2Spec, Spec, check_is_spec
+from ._vllm_import import import_vllm
 from ._vllm_spec import to_vllm_mamba_spec
 
 __all__ = ["vllm_reads", "vllm_version", "vllm_conv_layout_set"]
@@ -34,17 +35,14 @@ _LAYOUT_VAR = "VLLM_SSM_CONV_STATE_LAYOUT"
 
 def vllm_version() -> str:
     """The installed vLLM's version (imports vLLM)."""
-    import vllm
-
-    return str(vllm.__version__)
+    return str(import_vllm("vllm").__version__)
 
 
 @contextmanager
 def vllm_conv_layout_set(layout: str) -> Iterator[None]:
     """Run vLLM with `VLLM_SSM_CONV_STATE_LAYOUT=layout` inside the block, then restore
     the variable and clear vLLM's cached layout."""
-    from vllm.model_executor.layers.mamba import mamba_utils
-
+    mamba_utils = import_vllm("vllm.model_executor.layers.mamba.mamba_utils")
     old = os.environ.get(_LAYOUT_VAR)
     os.environ[_LAYOUT_VAR] = layout
     mamba_utils.get_conv_state_layout.cache_clear()
@@ -59,9 +57,8 @@ def vllm_conv_layout_set(layout: str) -> Iterator[None]:
 
 
 def _split_info(spec: Spec, tp: int):
-    from vllm.distributed.kv_transfer.kv_connector.v1.ssm_conv_transfer_utils import (
-        derive_mamba_conv_split,
-    )
+    derive_mamba_conv_split = import_vllm(
+        "vllm.distributed.kv_transfer.kv_connector.v1.ssm_conv_transfer_utils").derive_mamba_conv_split
 
     try:
         return derive_mamba_conv_split(to_vllm_mamba_spec(spec, tp), tp)

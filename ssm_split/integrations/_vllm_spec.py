@@ -20,6 +20,7 @@ from ..specs._hf_config import parse_hf_config
 from ..specs._spec import GDNSpec, LinearAttentionSpec, Mamba1Spec, ShortConvSpec, Spec, check_is_spec
 from ._vllm_config import ConfigFacts, as_mapping, config_facts
 from ._vllm_dtypes import vllm_config_dtypes, vllm_config_tp
+from ._vllm_import import import_vllm
 from ._vllm_layout import LAYOUT_VARIABLE, vllm_conv_layout
 from ._vllm_mamba_spec import MAMBA_TYPES, MambaState, read_mamba_spec
 from ._vllm_shapes import WidthError, spec_from_state
@@ -190,14 +191,14 @@ def to_vllm_mamba_spec(spec: Spec, tp: int, *, block_size: int = 1,
         raise SpecError("vLLM keeps conv_kernel - 1 rows for Mamba1 whatever the speculative "
                         "tokens; a Mamba1Spec with spec_tokens has no vLLM layout.")
     import torch
-    from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
-    from vllm.v1.kv_cache_interface import MambaSpec
+
+    enum = import_vllm("vllm.v1.attention.backends.registry").MambaAttentionBackendEnum
+    mamba_spec_class = import_vllm("vllm.v1.kv_cache_interface").MambaSpec
 
     shapes = tuple(s for s in sharded_shapes(spec, tp) if s is not None)
     names = [getattr(spec, "conv_dtype", None), getattr(spec, "ssm_dtype", None)]
     dtypes = tuple(getattr(torch, n) for n in names if n is not None)
     family_type = {v: k for k, v in MAMBA_TYPES.items()}[spec.family]
-    return MambaSpec(block_size=block_size, shapes=shapes, dtypes=dtypes,
-                     page_size_padded=page_size_padded,
-                     mamba_type=MambaAttentionBackendEnum[family_type],
-                     num_speculative_blocks=getattr(spec, "spec_tokens", 0))
+    return mamba_spec_class(block_size=block_size, shapes=shapes, dtypes=dtypes,
+                            page_size_padded=page_size_padded, mamba_type=enum[family_type],
+                            num_speculative_blocks=getattr(spec, "spec_tokens", 0))
