@@ -4,6 +4,9 @@ geometry, and `RegionSet`s from state tensors laid out as vLLM lays them out."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -168,3 +171,12 @@ def test_regions_from_tensors_refuse_what_is_not_vllms_memory():
         sv.region_set_from_vllm([views[0], alias])
     with pytest.raises(PlanError, match=r"cannot hold"):
         sv.allocate_vllm_state(page_nbytes=100, content_nbytes=300, num_slots=1, num_blocks=1)
+
+
+def test_the_integration_imports_neither_vllm_nor_torch():
+    code = ("import sys, ssm_split, ssm_split.integrations.vllm, ssm_split.integrations._vllm_check\n"
+            "from ssm_split.cli._main import build_parser; build_parser()\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('vllm', 'torch'))\n"
+            "print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -12,7 +12,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ssm_split import RegionSet, expand_plan, plan_reads
+from ssm_split import RegionSet, expand_plan, plan_all, plan_reads
 from ssm_split.expand import index_batch, prepare_tables
 from ssm_split.integrations import vllm as sv
 from ssm_split.reference import random_state, shard
@@ -144,3 +144,15 @@ def test_handshake_regions_use_the_engines_ratio(num_regions, logical, ratio, ke
     for i, region in enumerate(regions.layers):
         assert (region.base_addr, region.page_stride_nbytes, region.num_blocks) == (bases[i], page, logical)
         assert regions.page_addr(i, logical - 1) == bases[i] + (logical - 1) * kernel * ratio
+
+
+@given(case=transfer_cases(max_tp=6))
+def test_connector_read_offsets_are_the_plans_reads_by_src_rank(case):
+    spec, src_tp, dst_tp = case
+    for plan in plan_all(spec, src_tp, dst_tp):
+        pairs = sv.connector_read_offsets(plan)
+        assert tuple(p.src_rank for p in pairs) == plan.src_ranks
+        for p in pairs:
+            reads = plan.reads_from(p.src_rank)
+            assert p.dst_ranges == tuple((r.dst_offset, r.nbytes) for r in reads)
+            assert p.src_ranges == tuple((r.src_offset, r.nbytes) for r in reads)
