@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import PlanError, SpecError
+from ..errors import PlanError
 from ..layout._layout import page_layout
 from ..plan._plan import Read, plan_reads
 from .._text import format_table

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import example, given
 
-from ssm_split import GDNSpec, Mamba1Spec, Mamba2Spec, plan_all, plan_reads
-from ssm_split.reference import apply, content_nbytes, iota_state, random_state, shard
+from ssm_split import GDNSpec, Mamba1Spec, Mamba2Spec, plan_all
+from ssm_split.reference import apply, content_nbytes, iota_state, shard
 from tests._vllm_restated import as_plan, byte_sources, vllm_reads
 from tests.strategies import replicated_transfer_cases, transfer_cases
 
