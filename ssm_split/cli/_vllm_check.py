@@ -7,7 +7,7 @@ the command runs. Exit status:
   the same bytes);
 - 1: ssm_split's reads are wrong on some dst rank, or, with `--strict`, vLLM's reads
   differ from ssm_split's on some dst rank or vLLM refuses the transfer;
-- 2: bad arguments or vLLM not installed (one line on stderr).
+- 2: bad arguments or vLLM not installed (one line on stderr, from the dispatcher).
 
 `--json` prints one `ssm-split/vllm-check` document (cli/_json.py) instead of the tables.
 """
@@ -22,36 +22,21 @@ from typing import Any
 from ..errors import PlanError, SpecError
 from ..integrations._vllm_check import RankCheck, Row, check_rank, format_rank
 from ..plan._plan import plan_reads
+from ._console import non_negative_int, positive_int
 from ._core import resolve_model
 from ._json import emit, plan_json, read_json, spec_json
 
 __all__ = ["COMMANDS"]
 
 
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
-        return value
-    return parse
-
-
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    def one_line_error(message: str) -> None:  # argparse's default adds the usage text
-        parser.exit(2, f"{parser.prog}: error: {message} (see `{parser.prog} --help`)\n")
-
-    parser.error = one_line_error  # type: ignore[method-assign]
     parser.add_argument("model", metavar="MODEL",
                         help="preset name (see `ssm-split models`), Hugging Face id of a preset, "
                              "or path to a config.json")
-    parser.add_argument("--src-tp", type=_count(1), required=True, help="TP size of the prefill (src) side")
-    parser.add_argument("--dst-tp", type=_count(1), required=True, help="TP size of the decode (dst) side")
-    parser.add_argument("--rank", type=_count(0), default=None, help="only this dst rank (default: all)")
-    parser.add_argument("--seed", type=_count(0), default=0, help="seed of the reference state (default 0)")
+    parser.add_argument("--src-tp", type=positive_int, required=True, help="TP size of the prefill (src) side")
+    parser.add_argument("--dst-tp", type=positive_int, required=True, help="TP size of the decode (dst) side")
+    parser.add_argument("--rank", type=non_negative_int, default=None, help="only this dst rank (default: all)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the reference state (default 0)")
     parser.add_argument("--strict", action="store_true",
                         help="exit 1 when vLLM's reads differ from ssm_split's (or vLLM refuses)")
     parser.add_argument("--json", action="store_true",
@@ -76,17 +61,6 @@ def _rank_json(check: RankCheck) -> dict[str, Any]:
             "rows": [_row_json(r) for r in check.rows]}
 
 
-def _vllm():
-    """vLLM's reads and version, or a one-line error when vLLM is missing."""
-    try:
-        from ..integrations._vllm_reads import vllm_reads, vllm_version
-
-        return vllm_reads, vllm_version()
-    except ImportError as error:
-        raise SpecError(f"vllm-check needs vLLM ({error}); install it with "
-                        f"`bash scripts/install-vllm.sh .venv/bin/python` (or `make install-test`).") from None
-
-
 def _run(args: argparse.Namespace) -> int:
     from .. import reference
 
@@ -96,7 +70,9 @@ def _run(args: argparse.Namespace) -> int:
         spec = dataclasses.replace(spec, conv_layout="DS")
     ranks = range(args.dst_tp) if args.rank is None else (args.rank,)
     plans = [plan_reads(spec, args.src_tp, args.dst_tp, rank) for rank in ranks]  # validate first
-    vllm_reads, version = _vllm()
+    from ..integrations._vllm_reads import vllm_reads, vllm_version
+
+    version = vllm_version()  # ImportError without vLLM: the dispatcher says how to install it
     head = {"model": info.name, "spec": spec_json(spec), "src_tp": args.src_tp, "dst_tp": args.dst_tp,
             "conv_layout": "DS", "vllm_version": version, "seed": args.seed, "strict": args.strict}
     try:

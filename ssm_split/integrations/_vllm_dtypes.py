@@ -3,7 +3,7 @@
 vLLM's rule (`MambaStateDtypeCalculator`, vLLM 0.33): the conv state uses
 `cache_config.mamba_cache_dtype`, "auto" meaning the model's dtype; the temporal state
 uses `cache_config.mamba_ssm_cache_dtype`, "auto" meaning the conv state's dtype, except
-KDA (float32). Before that, model-specific hooks (`vllm/model_executor/models/config.py`)
+KDA (float32). Before that, vLLM's model hooks (`vllm/model_executor/models/config.py`)
 replace an "auto" temporal dtype: Nemotron-H by its config's `mamba_ssm_cache_dtype`,
 else float32; Qwen3.5 by its text config's `mamba_ssm_dtype` when set. A real
 `VllmConfig` has run those hooks already; a plain namespace gets them applied here.

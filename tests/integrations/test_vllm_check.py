@@ -90,9 +90,9 @@ def test_json_is_the_comparison_with_reads_as_the_api_names_them(capsys):
 
 
 @pytest.mark.parametrize("argv, phrase", [
-    (["granite-4.0-h-tiny", "--src-tp", "x", "--dst-tp", "2"], "argument --src-tp: 'x' is not an int"),
-    (["granite-4.0-h-tiny", "--src-tp", "0", "--dst-tp", "2"], "argument --src-tp: 0 is less than 1"),
-    (["granite-4.0-h-tiny", "--src-tp", "1", "--dst-tp", "2", "--seed", "-1"], "argument --seed: -1 is less than 0"),
+    (["granite-4.0-h-tiny", "--src-tp", "x", "--dst-tp", "2"], "argument --src-tp: expected a whole number >= 1, got 'x'"),
+    (["granite-4.0-h-tiny", "--src-tp", "0", "--dst-tp", "2"], "argument --src-tp: must be >= 1, got 0"),
+    (["granite-4.0-h-tiny", "--src-tp", "1", "--dst-tp", "2", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
     (["granite-4.0-h-tiny", "--dst-tp", "2"], "the following arguments are required: --src-tp"),
     (["granite-4.0-h-tiny", "--src-tp", "1", "--dst-tp", "2", "--rank", "7"], "`dst_rank` must be an int in [0, 2)"),
     (["nope", "--src-tp", "1", "--dst-tp", "2"], "Unknown model 'nope'"),
@@ -109,6 +109,7 @@ def test_bad_arguments_get_one_line_and_exit_2(capsys, argv, phrase):
 
 def test_without_vllm_the_error_says_how_to_install_it(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)
-    rc, out, err = run(capsys, "granite-4.0-h-tiny", "--src-tp", "1", "--dst-tp", "2")
-    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1
-    assert "vllm-check needs vLLM" in err and "scripts/install-vllm.sh" in err
+    for argv in (["--json"], ["--strict"]):
+        rc, out, err = run(capsys, "granite-4.0-h-tiny", "--src-tp", "1", "--dst-tp", "2", *argv)
+        assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1
+        assert "install vLLM" in err and "scripts/install-vllm.sh" in err
