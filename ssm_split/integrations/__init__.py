@@ -1,8 +1,9 @@
 """Adapters between ssm_split and inference engines.
 
-- `ssm_split.integrations.vllm`: build specs from vLLM's `MambaSpec` / `VllmConfig`, and
-  turn plans into the (offset, size) lists and block descriptors a vLLM NIXL connector
-  registers. vLLM is imported only inside the functions that need it.
+- `ssm_split.integrations.vllm`: specs from vLLM's `MambaSpec` / `VllmConfig` (checked
+  against the model's config), `RegionSet`s from a vLLM engine's state memory, and the
+  descriptors a vLLM NIXL connector registers (thin wrappers over `ssm_split.expand`).
+  vLLM and torch are imported only inside the functions that need them.
 
 Importing this package imports no engine, no torch.
 """

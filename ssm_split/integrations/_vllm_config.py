@@ -23,11 +23,12 @@ a float32 checkpoint in bfloat16 unless told otherwise, so float32 says nothing)
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import SpecError
 from ..specs._hf_config import parse_hf_config
 from ..specs._spec import spec_fields
+from ._vllm_dtypes import vllm_config_dtypes, vllm_config_tp
 from ._vllm_mamba_spec import dtype_name
 
 __all__ = ["ConfigFacts", "config_facts", "as_mapping"]
@@ -59,15 +60,15 @@ _VLLM_INTERMEDIATE = {"granitemoehybrid": ("mamba_expand", "hidden_size"),
                       "mamba2": ("expand", "hidden_size")}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ConfigFacts:
     """Config values to check a `MambaSpec` against.
 
     Attributes:
         family: the family the config describes (None for a partial mapping).
         model_type: the family key ssm_split read the config as, or None.
-        values: spec field -> `(key, value)` for every dimension the config gives.
-        dtypes: "conv" / "temporal" -> `(source, dtype name)` the engine holds by the
+        values: `(spec field, key, value)` for every dimension the config gives.
+        dtypes: `("conv" or "temporal", source, dtype name)` the engine holds by the
             config (or the `VllmConfig`'s cache settings).
         tp: the engine's TP size when a `VllmConfig` gave it, else None.
         intermediate: `(keys, value)` of vLLM's Mamba2 x width where it differs in how
@@ -76,13 +77,18 @@ class ConfigFacts:
 
     family: str | None
     model_type: str | None
-    values: dict[str, tuple[str, int]] = field(default_factory=dict)
-    dtypes: dict[str, tuple[str, str]] = field(default_factory=dict)
+    values: tuple[tuple[str, str, int], ...] = ()
+    dtypes: tuple[tuple[str, str, str], ...] = ()
     tp: int | None = None
     intermediate: tuple[str, int] | None = None
 
     def get(self, name: str) -> tuple[str, int] | None:
-        return self.values.get(name)
+        """`(key, value)` of spec field `name`, or None when the config does not give it."""
+        return next(((key, value) for field_name, key, value in self.values if field_name == name), None)
+
+    def dtype(self, what: str) -> tuple[str, str] | None:
+        """`(source, dtype name)` of the "conv" or "temporal" state, or None."""
+        return next(((source, name) for kind, source, name in self.dtypes if kind == what), None)
 
 
 def as_mapping(config: object) -> Mapping:
@@ -192,10 +198,8 @@ def config_facts(family: str, hf_config: object = None, vllm_config: object = No
         SpecError: no config at all; a config that is not a mapping or names an
             unsupported or different family; a value that is not an int >= 1.
     """
-    tp, cache_dtypes = None, {}
+    tp = None
     if vllm_config is not None:
-        from ._vllm_dtypes import vllm_config_dtypes, vllm_config_tp
-
         tp = vllm_config_tp(vllm_config)
         if hf_config is None:
             hf_config = vllm_config.model_config.hf_config
@@ -218,4 +222,5 @@ def config_facts(family: str, hf_config: object = None, vllm_config: object = No
     dtypes = _named_dtypes(config, model_type)
     if vllm_config is not None:
         dtypes = vllm_config_dtypes(vllm_config, family, model_type, config) or dtypes
-    return ConfigFacts(family, model_type, values, dtypes, tp, _intermediate(config, model_type))
+    return ConfigFacts(family, model_type, tuple((k, *v) for k, v in values.items()),
+                       tuple((k, *v) for k, v in dtypes.items()), tp, _intermediate(config, model_type))

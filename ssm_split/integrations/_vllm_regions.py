@@ -34,6 +34,8 @@ from collections.abc import Mapping, Sequence
 
 from ..errors import PlanError
 from ..layout._regions import Buffer, LayerRegion, RegionSet
+from ..specs._spec import DTYPE_NBYTES
+from ._vllm_mamba_spec import read_mamba_spec
 
 __all__ = ["page_stride_nbytes", "region_set_from_vllm", "region_set_from_vllm_handshake",
            "vllm_layer_slots", "allocate_vllm_state"]
@@ -207,17 +209,11 @@ def _check_page_size(mamba_spec: object, content_nbytes: int, stride: int) -> in
 
 
 def _content_nbytes(mamba_spec: object) -> int:
-    shapes, dtypes = getattr(mamba_spec, "shapes", None), getattr(mamba_spec, "dtypes", None)
-    try:
-        sizes = [math.prod(s) * (d.itemsize if hasattr(d, "itemsize") else 0)
-                 for s, d in zip(shapes, dtypes, strict=True)]
-    except (TypeError, ValueError):
-        raise PlanError("`mamba_spec` must be a vLLM MambaSpec (`shapes` and torch `dtypes`, one "
-                        "each); check it with `spec_from_vllm` first.") from None
-    if not sizes or min(sizes) < 1 or any(not isinstance(n, int) for n in sizes):
-        raise PlanError(f"`mamba_spec` shapes {shapes} with dtypes {dtypes} give no whole "
-                        f"state; check it with `spec_from_vllm` first.")
-    return sum(sizes)
+    """Bytes of state in one page of `mamba_spec` (its fields checked as `spec_from_vllm`
+    checks them)."""
+    state = read_mamba_spec(mamba_spec)
+    kinds = [(state.conv_shape, state.conv_dtype), (state.temporal_shape, state.ssm_dtype)]
+    return sum(math.prod(shape) * DTYPE_NBYTES[dtype] for shape, dtype in kinds if shape is not None)
 
 
 def region_set_from_vllm(kv_caches: object, mamba_spec: object = None) -> RegionSet:
@@ -243,6 +239,7 @@ def region_set_from_vllm(kv_caches: object, mamba_spec: object = None) -> Region
     Raises:
         PlanError: entries that are not tensors, aliased entries of different geometry,
             a `MambaSpec` whose page does not match, or pages outside their storage.
+        SpecError: a malformed `mamba_spec` (see `read_mamba_spec`).
     """
     slots, _ = _slots(kv_caches)
     buffers: dict[int, Buffer] = {}

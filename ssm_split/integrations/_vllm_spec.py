@@ -30,7 +30,7 @@ __all__ = ["spec_from_vllm", "spec_from_vllm_config", "to_vllm_mamba_spec"]
 
 def _check_dtypes(state: MambaState, facts: ConfigFacts) -> None:
     for what, got in (("conv", state.conv_dtype), ("temporal", state.ssm_dtype)):
-        want = facts.dtypes.get(what)
+        want = facts.dtype(what)
         if got is None or want is None or want[1] == got:
             continue
         raise SpecError(

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 
 import ssm_split
-from ssm_split import Mamba2Spec, PlanError, RegionSet, expand_plan, plan_reads
+from ssm_split import Mamba2Spec, PlanError, RegionSet, SpecError, expand_plan, plan_reads
 from ssm_split.errors import BlockRangeError
 from ssm_split.integrations import vllm as sv
 
@@ -149,17 +150,17 @@ def test_regions_from_state_tensors_laid_out_as_vllm_lays_them_out():
 def test_regions_from_tensors_refuse_what_is_not_vllms_memory():
     torch = pytest.importorskip("torch")
     _, views = sv.allocate_vllm_state(page_nbytes=512, content_nbytes=300, num_slots=2, num_blocks=4)
-    spec = type("MambaSpecLike", (), {"shapes": ((10, 3), (4, 9)), "dtypes": (torch.bfloat16, torch.float32),
-                                      "page_size_padded": 512})()
-    assert sv.region_set_from_vllm(views, spec).num_layers == 2
-    short = type("MambaSpecLike", (), {"shapes": ((10, 3), (4, 9)), "dtypes": (torch.bfloat16, torch.float32),
-                                       "page_size_padded": 200})()
+    def mamba_spec(page_size_padded):  # a Mamba1 MambaSpec's fields: 60 + 144 state bytes
+        return types.SimpleNamespace(shapes=((10, 3), (4, 9)), dtypes=(torch.bfloat16, torch.float32),
+                                     mamba_type="mamba1", page_size_padded=page_size_padded)
+
+    assert sv.region_set_from_vllm(views, mamba_spec(512)).num_layers == 2
     with pytest.raises(PlanError, match=r"page_size_padded=200 must be None or an int >= the 204 bytes"):
-        sv.region_set_from_vllm(views, short)
-    other = type("MambaSpecLike", (), {"shapes": ((10, 3), (4, 9)), "dtypes": (torch.bfloat16, torch.float32),
-                                       "page_size_padded": 1024})()
+        sv.region_set_from_vllm(views, mamba_spec(200))
     with pytest.raises(PlanError, match=r"pages are 512 bytes apart, but the MambaSpec's page is 1024"):
-        sv.region_set_from_vllm(views, other)
+        sv.region_set_from_vllm(views, mamba_spec(1024))
+    with pytest.raises(SpecError, match=r"mamba_type None is not a state"):
+        sv.region_set_from_vllm(views, types.SimpleNamespace(shapes=((10, 3), (4, 9)), dtypes=("bfloat16",) * 2))
     with pytest.raises(PlanError, match=r"must map layer names to tensors"):
         sv.region_set_from_vllm(views[0].data_ptr())
     with pytest.raises(PlanError, match=r"kv_caches\['a'\] must be a torch tensor"):
