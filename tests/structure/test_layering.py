@@ -77,8 +77,9 @@ def test_every_module_has_a_stage():
 
 
 def test_no_stage_imports_a_later_stage():
-    wrong = sorted((m, t) for m, targets in _graph().items() for t in targets
-                   if t in _graph() and _stage(t) > _stage(m))
+    graph = _graph()
+    wrong = sorted((m, t) for m, targets in graph.items() for t in targets
+                   if t in graph and _stage(t) > _stage(m))
     assert wrong == [], "later-stage imports (module, imported): " + repr(wrong)
 
 
