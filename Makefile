@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# the package (editable), numpy, and NIXL without its multi-GB CUDA torch dependency
+# the package (editable), numpy, pyzmq (the side channel), and NIXL without its multi-GB CUDA torch dependency
 $(VENV)/.core: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps nixl==1.5.1 nixl-cu13==1.5.1

@@ -9,6 +9,10 @@ The backend only executes: every address comes from `ssm_split.expand_plan`.
   and reads batches of requests (`read`, `start_read`), one READ per src rank.
 - `Handshake`, `decode_handshake`, `spec_fingerprint`, `fetch_handshake_bytes`: the
   versioned handshake and its transport; these need no NIXL.
+- `SideChannelServer`, `SideChannelClient`, `Reply`, `RequestContext`: the side channel
+  (ZeroMQ, pyzmq): a src endpoint's server answers named requests
+  (`Endpoint.server.add_handler`), a reader keeps one client per src rank
+  (`Reader.client(src_rank)`); need pyzmq, not NIXL.
 
 Names are imported lazily, so `import ssm_split.nixl_backend` works without NIXL; using
 `Endpoint` or `Reader` without it raises an `ImportError` that says what to install
@@ -31,7 +35,11 @@ if TYPE_CHECKING:
     from ._reader import Peer as Peer
     from ._reader import Reader as Reader
     from ._pending import ReadStats as ReadStats
-    from ._sidechannel import fetch_handshake_bytes as fetch_handshake_bytes
+    from ._sideclient import Reply as Reply
+    from ._sideclient import SideChannelClient as SideChannelClient
+    from ._sideclient import fetch_handshake_bytes as fetch_handshake_bytes
+    from ._sidechannel import RequestContext as RequestContext
+    from ._sidechannel import SideChannelServer as SideChannelServer
 
 _LAZY = {
     "Endpoint": "._endpoint",
@@ -44,7 +52,11 @@ _LAZY = {
     "Peer": "._reader",
     "Reader": "._reader",
     "ReadStats": "._pending",
-    "fetch_handshake_bytes": "._sidechannel",
+    "fetch_handshake_bytes": "._sideclient",
+    "Reply": "._sideclient",
+    "SideChannelClient": "._sideclient",
+    "RequestContext": "._sidechannel",
+    "SideChannelServer": "._sidechannel",
 }
 
 __all__ = sorted(_LAZY)

@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["PeerExport", "host_id", "export_buffers", "PeerMapping", "IpcError"]
+__all__ = ["PeerExport", "host_id", "export_buffers", "PeerMapping", "IpcError", "ipc_exports"]
 
 _LAZY_ENABLE_PEER_ACCESS = 1
 _HANDLE_NBYTES = 64
@@ -155,3 +155,20 @@ class PeerMapping:
             for ptr in self._opened.values():
                 lib.cuIpcCloseMemHandle(ptr)
         self._opened = {}
+
+
+def ipc_exports(mem_type: str, buffers: Sequence, wanted: bool) -> tuple[tuple, str | None]:
+    """The CUDA IPC exports `(handle, offset, nbytes)` of an endpoint's buffers (what its
+    handshake publishes for the peer strategy), or `((), why not)`."""
+    if not wanted:
+        return (), "peer_access=False"
+    if mem_type != "VRAM":
+        return (), "the pages are host memory (peer mapping is for GPU memory)"
+    devices = {b.device_id for b in buffers}
+    if len(devices) != 1:
+        return (), f"the pages span devices {sorted(devices)}"
+    try:
+        exports = export_buffers([(b.addr, b.nbytes) for b in buffers], devices.pop())
+    except IpcError as error:
+        return (), f"CUDA IPC export failed ({error}); plain cudaMalloc memory is needed"
+    return tuple((e.handle, e.offset, e.nbytes) for e in exports), None

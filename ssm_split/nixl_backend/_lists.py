@@ -6,10 +6,11 @@ list over the src rank's pages, both in NIXL's Nx5 strided form (a few rows per 
 whatever the block count). Every READ from that src rank reuses them with its own index
 arrays (`make_prepped_xfer`).
 
-A READ that uses the lists holds them (`acquire` / `drop`); lists that are replaced
-(reconnect, or the dst endpoint re-registered its pages) or dropped with their peer are
-`retire`d and released only once no READ holds them, so a READ that outlives its batch
-never runs on released lists.
+A READ that uses the lists holds them (`acquire` / `drop`) until it is settled; lists that
+are replaced (reconnect, or the dst endpoint re-registered its pages) or dropped with
+their peer are `retire`d and released only once no READ holds them, so a READ that
+outlives its batch never runs on released lists. `abandon` lets go of them without a
+release, when the endpoint destroys its agent.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..expand._prepared import RankTables
+from ._transfer import nixl_error
 
-__all__ = ["LOCAL_AGENT", "PeerLists"]
+__all__ = ["LOCAL_AGENT", "PeerLists", "refresh_lists"]
 
 LOCAL_AGENT = "NIXL_INIT_AGENT"
 """The agent name NIXL's `prep_xfer_dlist` takes for a local list."""
@@ -73,11 +75,40 @@ class PeerLists:
         self._retired = True
         self._release_if_unused()
 
+    def abandon(self) -> None:
+        """The agent is being destroyed: drop the handles without releasing them."""
+        self._retired, self._agent = True, None
+        self.local = self.remote = None
+
     def _release_if_unused(self) -> None:
         if self._retired and self._users <= 0 and self.local is not None:
             _release(self.remote)
             _release(self.local)
             self.local = self.remote = None
+
+
+def refresh_lists(lists: dict, ranks, endpoint: Any, peers: Any, request: str) -> None:
+    """Prepare again the lists (`{src_rank: PeerLists}`) of `ranks` whose local list
+    predates the endpoint's last (de)registration: NIXL lists of deregistered memory
+    must not be used. The old ones are retired.
+
+    Raises:
+        TransferError: NIXL refused the new lists.
+    """
+    for rank in ranks:
+        old = lists[rank]
+        if old.generation == endpoint.generation:
+            continue
+        peer = peers[rank]
+        try:
+            fresh = PeerLists(endpoint.agent, old.tables, peer.agent_name, endpoint.mem_type,
+                              peer.handshake.mem_type, endpoint.generation)
+        except Exception as error:
+            raise nixl_error(f"Could not prepare the lists of src rank {rank} again after this "
+                             f"endpoint re-registered", error, request=request, peer=peer.agent_name) from error
+        endpoint.lists.add(fresh)
+        old.retire()
+        lists[rank] = fresh
 
 
 def _release(handle: Any) -> None:

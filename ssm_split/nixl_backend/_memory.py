@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import PlanError
 
-__all__ = ["MemoryInfo", "describe_memory", "zeros_like_memory", "write_bytes", "read_bytes"]
+__all__ = ["MemoryInfo", "describe_memory", "zeros_like_memory", "write_bytes", "read_bytes", "check_memory"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,3 +81,27 @@ def read_bytes(source: Any, offset: int, nbytes: int) -> bytes:
     if isinstance(source, np.ndarray):
         return source[offset: offset + nbytes].tobytes()
     return source[offset: offset + nbytes].cpu().numpy().tobytes()
+
+
+def check_memory(regions: Any, infos: "list[MemoryInfo] | tuple[MemoryInfo, ...]") -> str:
+    """The one memory type of an endpoint's memory, checked against its `RegionSet`.
+
+    Raises:
+        PlanError: a count, address, size or device that differs from `regions.buffers`,
+            or mixed memory types.
+    """
+    if len(infos) != len(regions.buffers):
+        raise PlanError(f"Got {len(infos)} memory objects for {len(regions.buffers)} buffers: "
+                        f"pass one array or tensor per RegionSet buffer, in order.")
+    for i, (info, buffer) in enumerate(zip(infos, regions.buffers)):
+        if (info.addr, info.nbytes, info.device_id) != (buffer.addr, buffer.nbytes, buffer.device_id):
+            raise PlanError(
+                f"memory[{i}] is {info.nbytes} bytes at {info.addr:#x} on device "
+                f"{info.device_id}, but regions.buffers[{i}] describes {buffer.nbytes} bytes at "
+                f"{buffer.addr:#x} on device {buffer.device_id}. Build the RegionSet from the "
+                f"memory you pass (e.g. RegionSet.packed(array.ctypes.data, ...))."
+            )
+    types = {info.mem_type for info in infos}
+    if len(types) != 1:
+        raise PlanError(f"All memory of one endpoint must be of one type, got {sorted(types)}.")
+    return types.pop()

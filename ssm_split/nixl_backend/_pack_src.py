@@ -9,7 +9,9 @@ memory), waits for the copy, and answers with the lease; the reader READs the ra
 and releases the lease. A lease not released within its time to live is reclaimed, so
 a reader that died never pins the area.
 
-Answers (dicts, sent back over the side channel):
+Requests arrive on the src's side channel as op "pack" (body: `generation`, `dst_tp`,
+`dst_rank`, `order`, `ttl_s`) and op "release" (body: `lease`), both on its worker pool
+with the side channel's caps (`PackService.handlers`). Answers:
 
     {"ok": true, "lease": <id>, "offset": <bytes from the area's start>}
     {"ok": false, "kind": "busy" | "stale" | "refused", "error": "..."}
@@ -33,7 +35,7 @@ from ..strategies._packing import PackLayout
 from ..strategies._program import PackOrder, pack_copies
 
 __all__ = ["PackArea", "order_to_wire", "order_from_wire", "answer_pack", "answer_release",
-           "DEFAULT_LEASE_TTL_S", "PACK_REQUEST", "PackService", "ask_pack"]
+           "DEFAULT_LEASE_TTL_S", "PackService"]
 
 DEFAULT_LEASE_TTL_S = 30.0
 _MAX_BLOCKS = 1 << 20
@@ -157,14 +159,8 @@ def answer_release(area: PackArea | None, request: dict) -> dict:
     return {"ok": True, "released": area.release(lease)}
 
 
-PACK_REQUEST = b"SSMSPLIT PACKWAVES 1\n"
-"""Side channel request line of pack orders and lease releases (then an 8-byte length and
-a JSON object with `"op": "pack" | "release"`; the answer: an 8-byte length and JSON)."""
-_MAX_REQUEST_NBYTES = 64 << 20
-
-
 class PackService:
-    """An endpoint's pack area, the copier that fills it, and its side channel handler.
+    """An endpoint's pack area, the copier that fills it, and its side channel handlers.
 
     Args:
         endpoint: the src endpoint (its spec, tp, rank, regions, memory, generation).
@@ -185,53 +181,17 @@ class PackService:
         self.requests = 0
         self._lock = threading.Lock()  # one pack at a time: copies of one area share a stream
 
-    def answer(self, request: dict) -> dict:
-        """Answer one decoded request (`op` "pack" or "release")."""
-        self.requests += 1
-        op = request.get("op") if isinstance(request, dict) else None
-        if op == "pack":
+    def handlers(self) -> dict:
+        """The side channel handlers: `{"pack": ..., "release": ...}`."""
+
+        def pack(request: dict, payload: bytes, context: Any) -> tuple[dict, bytes]:
+            self.requests += 1
             with self._lock:
-                return answer_pack(self.endpoint, self.area, self.copier, request)
-        if op == "release":
-            return answer_release(self.area, request)
-        return {"ok": False, "kind": "refused", "error": "`op` must be \"pack\" or \"release\""}
+                context.check()  # the reader gave up while another pack ran
+                return answer_pack(self.endpoint, self.area, self.copier, request), b""
 
-    def handle(self, conn) -> None:
-        """Side channel handler of `PACK_REQUEST` (after the request line was read)."""
-        import json
+        def release(request: dict, payload: bytes, context: Any) -> tuple[dict, bytes]:
+            self.requests += 1
+            return answer_release(self.area, request), b""
 
-        from ._integrity_src import LENGTH
-        from ._sidechannel import recv_exact
-
-        (length,) = LENGTH.unpack(recv_exact(conn, LENGTH.size))
-        try:
-            if length > _MAX_REQUEST_NBYTES:
-                raise ValueError(f"request of {length} bytes exceeds {_MAX_REQUEST_NBYTES}")
-            answer = self.answer(json.loads(recv_exact(conn, length).decode("utf-8")))
-        except Exception as error:  # a peer's request must never kill the side channel thread
-            answer = {"ok": False, "kind": "refused", "error": f"{type(error).__name__}: {error}"}
-        encoded = json.dumps(answer).encode()
-        conn.sendall(LENGTH.pack(len(encoded)) + encoded)
-
-
-def ask_pack(address: tuple[str, int], request: dict, timeout_s: float) -> dict:
-    """Send one pack or release request to the src serving at `address`; its answer, or
-    `{"ok": false, "kind": "unreachable", ...}` when the exchange itself failed."""
-    import json
-    import socket
-
-    from ._integrity_src import LENGTH
-    from ._sidechannel import recv_exact
-
-    body = json.dumps(request).encode()
-    try:
-        with socket.create_connection(address, timeout=timeout_s) as conn:
-            conn.settimeout(timeout_s)
-            conn.sendall(PACK_REQUEST + LENGTH.pack(len(body)) + body)
-            (length,) = LENGTH.unpack(recv_exact(conn, LENGTH.size))
-            if length > _MAX_REQUEST_NBYTES:
-                raise EOFError(f"an answer of {length} bytes")
-            answer = json.loads(recv_exact(conn, length))
-    except (OSError, EOFError, ValueError) as error:
-        return {"ok": False, "kind": "unreachable", "error": f"{type(error).__name__}: {error}"}
-    return answer if isinstance(answer, dict) else {"ok": False, "kind": "refused", "error": repr(answer)}
+        return {"pack": pack, "release": release}

@@ -1,15 +1,15 @@
-"""A batch in flight (`PendingRead`), what it moved (`ReadStats`), and the NIXL handles of
-each of its READs until they are settled.
+"""A batch in flight (`PendingRead`) and what it moved (`ReadStats`).
 
-A batch is one READ per src rank. `PendingRead.poll` checks every READ's state against
-the batch's deadline; once all are done it runs the reader's checks (generation fence,
-integrity) and only then reports the batch received. A failure of any kind fails the
-whole batch for good (`TransferError` naming the request and the peer).
+A batch is one READ per src rank (`_transfer.Transfer`). `PendingRead.poll` checks every
+READ's state against the batch's deadline; once all are done it runs the reader's checks
+(generation fence, integrity) and only then reports the batch received. A failure of any
+kind fails the whole batch for good (`TransferError` naming the request and the peer).
 
-A READ still in flight when its batch failed (a missed deadline) may go on writing into
-the batch's dst pages: NIXL accepts the release of an active transfer, yet over UCX's
-tcp transport its bytes keep landing (docs/reliability.md). Such READs are kept until
-NIXL reports them finished: the batch is `settled` only then.
+A READ still moving when its batch failed (a missed deadline, a cancel, a sibling READ's
+error) may go on writing into the batch's dst pages. It is kept, handles and all, until
+it is settled (`_transfer.py` says when); the batch is `settled` only then. Its dst
+endpoint tracks the batch meanwhile and refuses those pages to every reader
+(`_inflight.py`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,15 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import PlanError, TransferError
+import numpy as np
 
-__all__ = ["PendingRead", "ReadStats", "label", "request_ids_of"]
+from ..errors import PlanError, TransferError
+from ._transfer import Transfer
+
+__all__ = ["PendingRead", "ReadStats", "Transfer", "label", "request_ids_of", "row_ids", "MAX_REQUEST_ID_NBYTES"]
+
+MAX_REQUEST_ID_NBYTES = 1024
+"""Longest request id (UTF-8 bytes): ids travel in read-done notifications."""
 
 
 def label(request_ids: tuple[str, ...]) -> str:
@@ -41,7 +47,22 @@ def request_ids_of(request_ids: object, num_pairs: int | None) -> tuple[str, ...
                             f"per pair, or a single str for the whole batch.")
     if not ids or not all(isinstance(i, str) and i for i in ids):
         raise PlanError(f"request ids must be non-empty strs, got {ids[:5]!r}.")
+    long = [i for i in ids if len(i.encode("utf-8", "surrogatepass")) > MAX_REQUEST_ID_NBYTES]
+    if long:
+        raise PlanError(f"request id {long[0][:40]!r}... is {len(long[0].encode('utf-8', 'surrogatepass'))} "
+                        f"bytes; ids travel in read-done notifications and may be at most "
+                        f"{MAX_REQUEST_ID_NBYTES} bytes of UTF-8. Use shorter ids.")
     return tuple(dict.fromkeys(ids))
+
+
+def row_ids(request_ids: object, sorted_pairs: np.ndarray, given_pairs: np.ndarray) -> object:
+    """The request ids in the order of `sorted_pairs` (the batch's pairs sorted by dst
+    block), or the single str naming the whole batch."""
+    if isinstance(request_ids, str):
+        return request_ids
+    ids = list(request_ids)
+    order = {int(d): i for i, d in enumerate(np.asarray(given_pairs)[:, 1].tolist())}
+    return [ids[order[int(d)]] for d in sorted_pairs[:, 1].tolist()]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,39 +95,20 @@ class ReadStats:
         return self.nbytes / self.elapsed_s / 1e9 if self.elapsed_s > 0 else float("inf")
 
 
-class Transfer:
-    """One READ of a batch: its transfer handle, the descriptor lists it owns (prepared
-    for this READ alone) and the lists it shares (prepared once per peer, `PeerLists`)."""
-
-    __slots__ = ("src_rank", "peer", "handles", "shared", "xfer", "done")
-
-    def __init__(self, src_rank: int, peer: str):
-        self.src_rank, self.peer = src_rank, peer
-        self.handles: list = []  # prepped dlist handles owned by this READ
-        self.shared = None  # a PeerLists this READ uses, released with `drop()`
-        self.xfer = None
-        self.done = False
-
-    def release(self) -> None:
-        """Release the transfer and owned lists; let go of shared ones. Idempotent."""
-        for handle in ([self.xfer] if self.xfer is not None else []) + self.handles:
-            try:
-                handle.release()
-            except Exception:  # releasing must not hide the original error
-                pass
-        self.xfer, self.handles = None, []
-        if self.shared is not None:
-            shared, self.shared = self.shared, None
-            shared.drop()
-
-
 class PendingRead:
     """A batch in flight: `poll()` until it returns True, or `wait()`.
 
     Raises `TransferError` (from `poll` / `wait`) when any src rank's transfer fails or
     the deadline passes; the batch's data is then invalid. A failed batch's READs that
-    were in flight are kept until NIXL reports them finished (`settled`); its dst blocks
-    must not be given to another request before (the `Reader` refuses to read into them).
+    were still moving are kept until they are `settled`; until then its dst endpoint
+    refuses its dst blocks to every reader.
+
+    Args:
+        endpoint: the dst endpoint (its `agent` and `remotes`), read at each poll.
+        transfers: one per src rank, posted or about to be.
+        strategy: the batch's strategy (for `stats`).
+        run: a `ProgramRun` posting READs wave by wave (`attach`), or None (all posted at
+            once).
 
     Attributes:
         request_ids: the batch's request ids.
@@ -115,18 +117,17 @@ class PendingRead:
             `Reader.start_read`); they raise `TransferError` to fail the batch.
     """
 
-    def __init__(self, agent, transfers: list[Transfer], request_ids: tuple[str, ...],
+    def __init__(self, endpoint, transfers: list[Transfer], request_ids: tuple[str, ...],
                  deadline: float, counts: tuple[int, int, int], started: float, *,
                  strategy: str = "direct", run=None):
-        self._agent, self._transfers, self.request_ids = agent, transfers, request_ids
+        self._endpoint, self._transfers, self.request_ids = endpoint, transfers, request_ids
         self.deadline, self._counts, self._started = deadline, counts, started
         self.strategy = strategy
         self.staging_lease = 0  # the reader's staging lease, given back once the batch is over
         self._run = run  # a ProgramRun posting READs over time, or None (all posted at once)
-        self._finished: float | None = started if not transfers and run is None else None
+        self._finished: float | None = None
         self._error: TransferError | None = None
         self._cancelled = False
-        self._unsettled: list[Transfer] = []  # active when the batch failed
         self.check: Callable[[PendingRead], None] | None = None
 
     @property
@@ -140,10 +141,13 @@ class PendingRead:
     def request(self) -> str:
         return label(self.request_ids)
 
-    def _fail(self, message: str, peer: str | None, cause: BaseException | None = None,
-              ended: Transfer | None = None) -> None:
-        self._keep_active(ended)
-        self._error = TransferError(message, request=self.request, peer=peer)
+    @property
+    def peers(self) -> frozenset[str]:
+        """The src agents of the READs not settled yet."""
+        return frozenset(t.peer for t in self._transfers if t.state == "active")
+
+    def _fail(self, error: TransferError, cause: BaseException | None = None) -> None:
+        self._error = error
         self._error.request_ids = self.request_ids  # type: ignore[attr-defined]
         raise self._error from cause
 
@@ -162,7 +166,6 @@ class PendingRead:
         """Drive a `ProgramRun` (set once, before the first poll); its READs are posted
         into this batch (`add`) and polled with `transfer_done`."""
         self._run = run
-        self._finished = None
 
     def add(self, transfer: Transfer) -> Transfer:
         """A READ of this batch posted after it started (a later wave)."""
@@ -172,20 +175,23 @@ class PendingRead:
     def transfer_done(self, transfer: Transfer) -> bool:
         """True once `transfer` finished; raises `TransferError` (and fails the batch)
         when it failed."""
-        if transfer.done:
+        if transfer.state == "done":
             return True
-        try:
-            state = self._agent.check_xfer_state(transfer.xfer)
-        except Exception as error:  # NIXL exceptions derive from Exception
-            self._fail(f"READ from src rank {transfer.src_rank} failed: "
-                       f"{type(error).__name__}: {error}", transfer.peer, error, transfer)
-        if state == "DONE":
-            transfer.done = True
-            transfer.release()
-        elif state != "PROC":
-            self._fail(f"READ from src rank {transfer.src_rank} ended in state {state!r}.",
-                       transfer.peer, ended=transfer)
-        return transfer.done
+        if transfer.state != "active":
+            return False  # not posted (yet)
+        if self._endpoint.agent is None:
+            self._fail(TransferError("The dst endpoint was closed: its READs were abandoned.",
+                                     request=self.request))
+        # no local names for the agent: a traceback kept with the error must not keep
+        # the agent alive after Endpoint.close
+        state, error = transfer.check(self._endpoint.agent, self._endpoint.remotes)
+        if state in ("ERR", "LOST"):
+            what = f"{type(error).__name__}: {error}" if error is not None else "state 'ERR'"
+            kept = "" if state == "ERR" else (" NIXL lost track of the READ; its dst blocks stay "
+                                              "refused until it is settled.")
+            self._fail(TransferError(f"READ from src rank {transfer.src_rank} failed: {what}.{kept}",
+                                     request=self.request, peer=transfer.peer), error)
+        return state == "DONE"
 
     def kick(self) -> None:
         """Post what can be posted now (the first waves), without completing the batch:
@@ -200,7 +206,6 @@ class PendingRead:
             return self._run.poll()
         except TransferError as error:
             if self._error is None:  # failed by the run itself (a refusal or its deadline)
-                self._keep_active()
                 self._error = error
                 error.request_ids = self.request_ids  # type: ignore[attr-defined]
             self._run.abandon()
@@ -218,9 +223,11 @@ class PendingRead:
             self._finished = time.perf_counter()
             return True
         if time.monotonic() > self.deadline:
-            late = next(t for t in self._transfers if not t.done)
-            self._fail(f"READ from src rank {late.src_rank} did not complete before the "
-                       f"deadline.", late.peer)
+            late = next((t for t in self._transfers if t.state == "active"), None)
+            self._fail(TransferError(f"READ from src rank {late.src_rank} did not complete before the "
+                                     f"deadline." if late is not None else "The batch did not complete "
+                                     f"before the deadline.", request=self.request,
+                                     peer=None if late is None else late.peer))
         return False
 
     def wait(self) -> ReadStats:
@@ -240,34 +247,16 @@ class PendingRead:
         return ReadStats(self.request_ids, num_reads, num_descriptors, nbytes, len(self._transfers),
                          self._finished - self._started, self.strategy, waves)
 
-    def _keep_active(self, ended: Transfer | None = None) -> None:
-        """The batch failed: release finished transfers, keep the others until settled."""
-        for transfer in self._transfers:
-            if transfer.done or transfer is ended or transfer.xfer is None:
-                transfer.release()
-            elif transfer not in self._unsettled:
-                self._unsettled.append(transfer)
-            transfer.done = True
-
     @property
     def settled(self) -> bool:
-        """True once no READ of this batch can still write into its dst pages: the batch
-        was received, or it failed and NIXL reported every READ that was in flight then
-        as finished (polls them; releases those that are)."""
-        if self._error is None:
-            return self._finished is not None
-        still = []
-        for transfer in self._unsettled:
-            try:
-                state = self._agent.check_xfer_state(transfer.xfer)
-            except Exception:  # failed: it writes no more
-                state = "ERR"
-            if state == "PROC":
-                still.append(transfer)
-            else:
-                transfer.release()
-        self._unsettled = still
-        return not still
+        """True once nothing of this batch can still write into its dst pages (or its
+        staging): every READ was reported finished by NIXL (`_transfer.py`), or its agent
+        was destroyed, and every copy it launched is done. Polls what is not yet."""
+        for transfer in self._transfers:
+            if transfer.state == "active" and self._endpoint.agent is not None:
+                transfer.check(self._endpoint.agent, self._endpoint.remotes)
+        return (all(t.state != "active" for t in self._transfers)
+                and (self._run is None or self._run.copies_done()))
 
     def wait_settled(self, timeout_s: float = 30.0) -> bool:
         """Poll `settled` for up to `timeout_s`; returns it."""
@@ -278,15 +267,20 @@ class PendingRead:
             time.sleep(0.0005)
         return True
 
-    def release(self) -> None:
-        """Release every handle now, settled or not (NIXL tries to cancel active ones)."""
-        for transfer in self._transfers:
-            transfer.release()
-        self._unsettled = []
-
     def cancel(self) -> None:
-        """Give up on the batch: it fails; READs in flight are kept until `settled`."""
-        self._keep_active()
+        """Give up on the batch: it fails; READs still moving are kept until `settled`."""
+        if self._error is not None or self._finished is not None:
+            return
         self._cancelled = True
         self._error = TransferError("The read was cancelled.", request=self.request)
         self._error.cancelled = True  # type: ignore[attr-defined]
+        self._error.request_ids = self.request_ids  # type: ignore[attr-defined]
+
+    def abandon(self) -> None:
+        """The dst endpoint is closing and destroys its agent: drop every handle."""
+        for transfer in self._transfers:
+            if transfer.state == "active":
+                transfer.abandon()
+        if self._error is None and self._finished is None:
+            self._error = TransferError("The dst endpoint was closed while the read was in flight.",
+                                        request=self.request)

@@ -3,9 +3,11 @@ program the core builds for it, and the `ProgramRun` that executes it.
 
 - `direct` is always possible; `staged` needs a staging area, which the reader allocates
   (and registers) the first time a batch needs it; `packed` needs every src rank the
-  plan reads from to have a pack area (its handshake says so) and a side channel
-  address (`connect_to`); `peer` needs every such src rank's pages mapped into this
-  process (same host, GPU memory on both sides, CUDA IPC handles that opened).
+  plan reads from to have a pack area (its handshake says so) and a side channel client
+  (`connect_to`), over which pack orders go as op "pack" (several outstanding, answers
+  polled without blocking) and lease releases as op "release"; `peer` needs every such
+  src rank's pages mapped into this process (same host, GPU memory on both sides, CUDA
+  IPC handles that opened).
 - `strategy="auto"` asks the cost model (`ssm_split.strategies.choose_strategy`) among
   the possible ones, per batch; a forced strategy that is not possible is a `PlanError`
   saying why.
@@ -13,12 +15,12 @@ program the core builds for it, and the `ProgramRun` that executes it.
 
 from __future__ import annotations
 
-import concurrent.futures
+import time
 from typing import Any
 
 import numpy as np
 
-from ..errors import PlanError
+from ..errors import PlanError, TransferError
 from ..layout._regions import Buffer
 from ..strategies._choose import choose_strategy
 from ..strategies._cost import DEFAULT_COST_MODEL, DRAM_COST_MODEL, CostModel
@@ -29,7 +31,7 @@ from ..strategies._program import (Program, direct_program, mapped_regions, pack
 from ._copier import make_copier
 from ._ipc import IpcError, PeerMapping, host_id
 from ._memory import describe_memory, zeros_like_memory
-from ._pack_src import PackArea, ask_pack, order_to_wire
+from ._pack_src import PackArea, order_to_wire
 from ._pending import PendingRead, Transfer
 from ._run import ProgramRun
 
@@ -37,7 +39,6 @@ __all__ = ["STRATEGY_CHOICES", "DEFAULT_STAGING_NBYTES", "ReaderPrograms"]
 
 STRATEGY_CHOICES = ("auto", "direct", "staged", "packed", "peer")
 DEFAULT_STAGING_NBYTES = {"VRAM": 512 << 20, "DRAM": 16 << 20}
-_PACK_TIMEOUT_S = 30.0
 
 
 class ReaderPrograms:
@@ -66,8 +67,8 @@ class ReaderPrograms:
         self.peer_unavailable: dict[int, str] = {}
         self._staging: Any = None
         self._staging_reg = None
+        self.staging_token = object()  # what the endpoint tracks READs into the staging by
         self._copier: Any = None
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     # --- connections --------------------------------------------------------------------
 
@@ -107,10 +108,10 @@ class ReaderPrograms:
         plan, peers = self.reader.plan, self.reader.peers
         out: dict[str, str | None] = {"direct": None, "staged": None}
         no_pack = [r for r in plan.src_ranks if peers[r].handshake.pack_area is None]
-        no_address = [r for r in plan.src_ranks if peers[r].address is None]
+        no_client = [r for r in plan.src_ranks if r not in self.reader._clients]
         out["packed"] = (f"src ranks {no_pack} have no pack area" if no_pack else
-                         f"src ranks {no_address} were connected without a side channel address "
-                         f"(use connect_to)" if no_address else None)
+                         f"src ranks {no_client} were connected without their side channel "
+                         f"(use connect_to)" if no_client else None)
         unmapped = {r: self.peer_unavailable.get(r, "not mapped") for r in plan.src_ranks if r not in self._mappings}
         out["peer"] = None if not unmapped else "; ".join(f"src rank {r}: {why}" for r, why in unmapped.items())
         return out
@@ -136,6 +137,34 @@ class ReaderPrograms:
         return choose_strategy(self.reader.plan, num_requests=num_requests, num_layers=num_layers,
                                available=[s for s, why in possible.items() if why is None], model=self.model,
                                wave_nbytes=self.staging_nbytes // 2, same_device=same_device)
+
+    def choose_and_lease(self, num_requests: int, num_layers: int, forced: str | None
+                         ) -> tuple[str, int, Buffer | None]:
+        """The batch's strategy (`choose`) and, for "staged" and "packed", its staging
+        lease and range: `(name, lease, staging)`. Under "auto" a batch whose staging is
+        taken falls back to another strategy; a forced one is a `PlanError`."""
+        name = self.choose(num_requests, num_layers, forced)
+        if name not in ("staged", "packed"):
+            return name, 0, None
+        got = self.lease_staging(name, num_requests, num_layers)
+        if got is not None:
+            return (name, *got)
+        if (forced or self.strategy) != "auto":
+            raise PlanError(f"The staging area ({self.staging_nbytes} bytes) is taken by batches in "
+                            f"flight: wait for them, or read with a larger staging_nbytes.")
+        return self.choose(num_requests, num_layers, exclude=("staged", "packed")), 0, None
+
+    def release_finished(self, batches: list) -> list:
+        """Give back the staging leases of `batches` that are over (received, or failed
+        and settled: nothing writes their staging any more); returns the others."""
+        kept = []
+        for pending in batches:
+            if pending.status == "received" or (pending.status != "in flight" and pending.settled):
+                self.release_staging(pending.staging_lease)
+                pending.staging_lease = 0
+            else:
+                kept.append(pending)
+        return kept
 
     # --- programs -----------------------------------------------------------------------
 
@@ -218,15 +247,25 @@ class ReaderPrograms:
 
         def send_order(order):
             peer = peers[order.src_rank]
-            request = {**common, "op": "pack", "generation": peer.handshake.generation,
-                       "order": order_to_wire(order), "ttl_s": max(pending.deadline - _now(), 0.001) + 5.0}
-            return self._submit(peer.address, request)
+            left = max(pending.deadline - time.monotonic(), 0.001)
+            body = {**common, "generation": peer.handshake.generation, "order": order_to_wire(order),
+                    "ttl_s": left + 5.0}
+            return order.src_rank, reader.client(order.src_rank).send("pack", body, timeout_s=left + 1.0)
 
         def answer(ticket):
-            return ticket.result() if ticket.done() else None
+            rank, number = ticket
+            try:
+                reply = reader.client(rank).poll(number)
+            except TransferError as error:  # no answer in time, or the client is gone
+                return {"ok": False, "kind": "unreachable", "error": str(error)}
+            if reply is None:
+                return None
+            return {**reply.body, "ok": reply.ok, "kind": reply.kind, "error": reply.error}
 
         def release(rank, lease):
-            self._submit(peers[rank].address, {"op": "release", "lease": lease})
+            client = reader._clients.get(rank)
+            if client is not None:  # fire and forget: an unanswered lease expires anyway
+                client.forget(client.send("release", {"lease": lease}))
 
         return ProgramRun(program, label=label, peer_names={r: p.agent_name for r, p in peers.items()},
                           post_read=post_read, read_done=pending.transfer_done, send_order=send_order,
@@ -237,26 +276,16 @@ class ReaderPrograms:
                           dst_device_id=own.scratch.device_id, read_parts=max(1, own.num_threads),
                           deadline=pending.deadline)
 
-    def _submit(self, address, request):
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="ssm-split-pack")
-        return self._pool.submit(ask_pack, address, request, _PACK_TIMEOUT_S)
-
     def close(self) -> None:
         for rank in list(self._mappings):
             self.on_disconnect(rank)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        if self._staging_reg is not None and self.reader.endpoint.agent is not None:
-            try:
-                self.reader.endpoint.agent.deregister_memory(self._staging_reg)
-            except Exception:
-                pass
+        own = self.reader.endpoint
+        if self._staging_reg is not None and own.agent is not None:
+            if own.inflight.busy(self.staging_token):  # a READ may still write it
+                own.inflight.retire(self.staging_token, self._staging.memory, self._staging_reg)
+            else:
+                try:
+                    own.agent.deregister_memory(self._staging_reg)
+                except Exception:  # noqa: BLE001
+                    pass
         self._staging, self._staging_reg, self._copier = None, None, None
-
-
-def _now() -> float:
-    import time
-
-    return time.monotonic()

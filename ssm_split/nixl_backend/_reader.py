@@ -6,26 +6,25 @@
     reader.warm_up()                          # connects, and checks no handshake is stale
     stats = reader.read(pairs, request_ids)   # pairs: (N, 2) (src_block, dst_block)
 
-One `make_prepped_xfer("READ", ...)` per src rank and batch, in one of two ways
-(`Reader(..., prepare=...)`, docs/backend.md compares them):
-
-- `"auto"` (default): `"per-batch"` when the dst pages of one block's layers are adjacent
-  (`RegionSet.layers_adjacent`, e.g. block-major memory), where only per-batch lists merge
-  across layers; `"once"` otherwise (e.g. vLLM's one region per layer).
-- `"once"`, NIXL's "prepare once, make many": at connect, the local and remote
-  lists of every (layer, plan read, block) descriptor of that src rank are prepared once
-  (`prepare_tables`, Nx5 strided lists); a batch only computes two index arrays
-  (`index_batch`), and NIXL merges runs of consecutive dense indices.
-- `"per-batch"`: the batch is expanded (`expand_plan`) into descriptors merged across
-  adjacent segments, blocks and layers, and both lists are prepared for that READ alone.
+Each batch runs one strategy (`Reader(strategy=...)`, `_programs.py`): "direct" READs
+the plan's descriptors, one per src rank, over NIXL lists prepared once per peer
+(`prepare="once"`: `prepare_tables`, Nx5 strided lists; a batch only computes index
+arrays) or for that READ alone (`"per-batch"`: `expand_plan`, merged across segments,
+blocks and layers); "staged", "packed" and "peer" run transfer programs wave by wave
+(`_run.ProgramRun`). docs/backend.md compares them.
 
 Completion is polled against a deadline; any NIXL exception, an "ERR" state, a lost peer
 or a missed deadline raises `TransferError(request=..., peer=...)` and a failed batch is
 never reported as received (`_pending.PendingRead`). Once the bytes landed, and before a
-batch counts as received, `_integrity.Guard` checks that no src rank re-registered since
+batch counts as received, `_guard.Guard` checks that no src rank re-registered since
 its handshake (`check_generation`, on by default) and, in integrity mode, every byte
 (docs/reliability.md); with any check on, the read-done notification goes to the src
 ranks only after the checks passed.
+
+What outlives a reader belongs to its endpoint: the src agents it loaded (`_remotes.py`)
+and every batch that may still write into the dst pages (`_inflight.py`), whose blocks
+stay refused to every reader of the endpoint, also after `close`, until it settles. Per
+src rank the reader keeps one side channel client (`_sideclient.py`).
 """
 
 from __future__ import annotations
@@ -45,44 +44,37 @@ from ..strategies._cost import CostModel
 from ._endpoint import Endpoint
 from ._handshake import Handshake, decode_handshake
 from ._guard import Guard
-from ._lists import LOCAL_AGENT, PeerLists
+from ._lists import PeerLists, refresh_lists
 from ._memory import read_bytes
-from ._notify import encode_notification
-from ._pending import PendingRead, ReadStats, Transfer, label, request_ids_of
+from ._notify import Notifier
+from ._pending import PendingRead, ReadStats, label, request_ids_of, row_ids as _row_ids
+from ._post import post_one, start_reads
+from ._transfer import nixl_error as _nixl_error
 from ._programs import ReaderPrograms
-from ._scratch import HEADER_NBYTES, WARM_UP_OFFSET, header_desc, parse_header, warm_up_desc
-from ._sidechannel import fetch_handshake_bytes
+from ._scratch import HEADER_NBYTES, header_desc, parse_header
+from ._sideclient import SideChannelClient, fetch_handshake
+from ._ucx import explain_refused_read
 
 __all__ = ["Peer", "Reader", "PendingRead", "ReadStats", "PREPARE_MODES"]
 
 PREPARE_MODES = ("auto", "once", "per-batch")
-_HINTS = {
-    "nixlNotFoundError": " A descriptor lies outside memory registered on its side: deregistered "
-                         "pages, or a stale handshake (fetch a new one).",
-    "nixlRemoteDisconnectError": " The src process went away or closed its endpoint.",
-}
-
-
-def _nixl_error(what: str, error: BaseException, *, request: str | None, peer: str) -> TransferError:
-    return TransferError(f"{what}: {type(error).__name__}: {error}.{_HINTS.get(type(error).__name__, '')}",
-                         request=request, peer=peer)
-
-
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """A src rank the reader can read from: its handshake, its NIXL agent name and, when
-    found through `connect_to`, its side channel address."""
+    """A src rank the reader can read from: its handshake, its NIXL agent name, when found
+    through `connect_to` its side channel address, and the notification session the src
+    opened for this reader (None: its notifications are not sent)."""
 
     handshake: Handshake
     agent_name: str
     address: tuple[str, int] | None = None
+    session: bytes | None = None
 
 
 class Reader:
     """Reads from the ranks of one src engine into a dst `Endpoint`'s pages.
 
     Args:
-        endpoint: this dst rank's endpoint (its spec, tp, rank, regions and agent).
+        endpoint: this dst rank's endpoint (its spec, tp, rank, regions, agent, secret).
         strategy: how batches move (`_programs`): "direct" (the merged plan, one READ per
             src rank), "staged" (superset spans into a staging area, then one scatter),
             "packed" (src ranks pack each wave, one READ per src rank and wave, then one
@@ -124,20 +116,23 @@ class Reader:
         self.endpoint, self.prepare = endpoint, prepare
         self.peers: dict[int, Peer] = {}
         self._lists: dict[int, PeerLists] = {}
+        self._clients: dict[int, SideChannelClient] = {}
+        self._notifiers: dict[int, Notifier] = {}
         self._plan: Plan | None = None
         self._plan_override = plan
         self._programs = ReaderPrograms(self, strategy, staging_nbytes, model)
-        self._guard = Guard(endpoint, self.peers, self._read_small, check_generation=check_generation,
+        self._guard = Guard(endpoint, self.peers, self._read_small, clients=self._clients,
+                            notifiers=self._notifiers, check_generation=check_generation,
                             integrity=integrity)
         self.before_check = None
-        # batches whose READs may still write: (pending, dst blocks, layers)
-        self._batches: list[tuple[PendingRead, set[int], set[int]]] = []
+        self._batches: list[PendingRead] = []  # this reader's batches not yet finished
 
     # --- peers --------------------------------------------------------------------------
 
-    def connect(self, handshake: Handshake | bytes) -> Peer:
+    def connect(self, handshake: Handshake | bytes, *, session: bytes | None = None) -> Peer:
         """Load a src rank's handshake (decoded and checked) and its NIXL metadata; with
-        `prepare="once"`, prepare its descriptor lists.
+        `prepare="once"`, prepare its descriptor lists. `session`: the notification session
+        the src opened for this reader (`Endpoint.open_session`; `connect_to` gets one).
 
         Raises:
             HandshakeError: undecodable bytes, a src TP that differs from earlier peers,
@@ -163,39 +158,71 @@ class Reader:
         tables = None
         if self.prepare == "once" and hs.rank in plan.src_ranks:
             tables = prepare_tables(plan, hs.rank, hs.regions, own.regions)
-        if hs.rank in self.peers:
-            self.disconnect(hs.rank)
-        try:
-            name = own.agent.add_remote_agent(hs.agent_metadata)
+        try:  # kept loaded by the endpoint: loading the same metadata again costs nothing
+            name = own.remotes.load(hs.agent_metadata, hs.agent_name)
+        except HandshakeError:
+            raise
         except Exception as error:
             raise HandshakeError(f"NIXL rejected the metadata of src rank {hs.rank} "
                                  f"({hs.agent_name!r}): {type(error).__name__}: {error}") from error
-        name = name.decode() if isinstance(name, bytes) else str(name)
         if name != hs.agent_name:
-            own.agent.remove_remote_agent(name)
             raise HandshakeError(f"The handshake of src rank {hs.rank} names agent "
                                  f"{hs.agent_name!r}, but its metadata belongs to {name!r}.")
-        self.peers[hs.rank] = Peer(hs, name)
+        if hs.rank in self.peers:
+            self.disconnect(hs.rank)
+        own.remotes.acquire(name)
+        self.peers[hs.rank] = Peer(hs, name, None, session)
+        if session is not None:
+            self._notifiers[hs.rank] = Notifier(own.secret, session, own.name, name)
         self._plan = plan
         self._programs.on_connect(hs.rank, hs)
         if tables is not None:
             try:
-                self._lists[hs.rank] = PeerLists(own.agent, tables, name, own.mem_type, hs.mem_type,
-                                                 own.generation)
+                lists = PeerLists(own.agent, tables, name, own.mem_type, hs.mem_type, own.generation)
             except Exception as error:  # NIXL errors derive from Exception
                 self.disconnect(hs.rank)
                 raise _nixl_error(f"NIXL could not prepare the descriptor lists of src rank "
                                   f"{hs.rank}", error, request=None, peer=name) from error
+            own.lists.add(lists)
+            self._lists[hs.rank] = lists
         return self.peers[hs.rank]
 
     def connect_to(self, host: str, port: int, *, timeout_s: float = 10.0) -> Peer:
-        """Fetch a handshake over the side channel from `(host, port)`, then `connect`."""
-        peer = self.connect(fetch_handshake_bytes(host, port, timeout_s=timeout_s))
-        peer = self.peers[peer.handshake.rank] = Peer(peer.handshake, peer.agent_name, (host, port))
+        """Fetch a handshake over the side channel from `(host, port)`, then `connect`.
+        The side channel client stays open for integrity requests (`client`)."""
+        own = self.endpoint
+        client = SideChannelClient(host, port, secret=own.secret, timeout_s=timeout_s,
+                                   context=own.client_context())
+        try:
+            data, session = fetch_handshake(client, own.name)
+            peer = self.connect(data, session=session)
+        except BaseException:
+            client.close()
+            raise
+        rank = peer.handshake.rank
+        old = self._clients.pop(rank, None)
+        if old is not None:
+            old.close()
+        self._clients[rank] = client
+        peer = self.peers[rank] = Peer(peer.handshake, peer.agent_name, (host, port), session)
         return peer
 
+    def client(self, src_rank: int) -> SideChannelClient:
+        """The side channel client of a src rank found with `connect_to` (requests of
+        one's own, e.g. `client.send("pack", ...)`).
+
+        Raises:
+            HandshakeError: the rank is not connected through its side channel.
+        """
+        client = self._clients.get(src_rank)
+        if client is None:
+            raise HandshakeError(f"src rank {src_rank} has no side channel client: connect to it "
+                                 f"with connect_to(host, port) (connected: {sorted(self.peers)}).")
+        return client
+
     def disconnect(self, src_rank: int) -> None:
-        """Forget a src rank, its prepared lists and its NIXL metadata."""
+        """Forget a src rank and its prepared lists (released once no READ uses them);
+        its NIXL agent stays loaded in the endpoint, for other readers and reconnects."""
         peer = self.peers.pop(src_rank, None)
         if peer is None:
             raise HandshakeError(f"src rank {src_rank} is not connected (connected: "
@@ -205,10 +232,12 @@ class Reader:
         lists = self._lists.pop(src_rank, None)
         if lists is not None:
             lists.retire()  # released once no READ in flight uses them
-        try:
-            self.endpoint.agent.remove_remote_agent(peer.agent_name)
-        except Exception:
-            pass
+        self._notifiers.pop(src_rank, None)
+        client = self._clients.pop(src_rank, None)
+        if client is not None:
+            client.close()
+        if self.endpoint.remotes is not None:
+            self.endpoint.remotes.release(peer.agent_name)
 
     @property
     def plan(self) -> Plan:
@@ -251,23 +280,30 @@ class Reader:
 
     def warm_up(self, *, timeout_s: float = 10.0) -> None:
         """Read every peer's 16-byte scratch header: sets the connections up (the first
-        READ to a peer pays it, on every UCX worker thread) and checks the peer is the generation its handshake says.
+        READ to a peer pays it, on every UCX worker thread) and checks the peer is the
+        generation its handshake says.
 
         Raises:
             HandshakeError: a peer re-registered since its handshake (stale).
-            TransferError: a peer did not answer.
+            TransferError: a peer did not answer, or UCX has no zero-copy READ path to it
+                (emulated READs are refused: the message says why and what to do).
         """
         own = self.endpoint
         # With UCX worker threads, each thread has its own connection and UCX hands a
         # thread work only in READs of >= 1024 descriptors: repeat the header read so
         # every thread connects here rather than in the first real batch.
         count = 1024 * own.num_threads if own.num_threads else 1
-        local = np.tile(warm_up_desc(own.scratch), (count, 1))
         for rank in sorted(self.peers):
             peer = self.peers[rank]
-            remote = np.tile(header_desc(peer.handshake.scratch), (count, 1))
-            self._read_small({rank: (local, remote)}, ("warm-up",), timeout_s)
-            generation = parse_header(read_bytes(own.scratch_memory, WARM_UP_OFFSET, HEADER_NBYTES))
+            landing, slot, token = self._guard.landing(1)
+            local, remote = np.tile(slot, (count, 1)), np.tile(header_desc(peer.handshake.scratch), (count, 1))
+            try:
+                self._read_small({rank: (local, remote)}, ("warm-up",), timeout_s, token)
+            except TransferError as error:
+                if not own.emulated_reads and rank in self._clients:
+                    explain_refused_read(self._clients[rank], rank, peer.agent_name, error)
+                raise
+            generation = parse_header(read_bytes(landing, 0, HEADER_NBYTES))
             if generation != peer.handshake.generation:
                 raise HandshakeError(
                     f"src rank {rank} ({peer.agent_name!r}) is at registration generation "
@@ -275,10 +311,10 @@ class Reader:
                     f"{peer.handshake.generation}: the handshake is stale. Fetch a new one.")
 
     def _read_small(self, posts: Mapping[int, tuple[np.ndarray, np.ndarray]], ids: tuple[str, ...],
-                    timeout_s: float) -> None:
-        """Post `{src_rank: (dst_descs, src_descs)}` (no notification) and wait: the
-        warm-up and the guard's header READs."""
-        self._start(posts, ids, timeout_s, b"", (0, 0, 0)).wait()
+                    timeout_s: float, token: object) -> None:
+        """Post `{src_rank: (dst_descs, src_descs)}` into the landing buffer `token` (no
+        notification) and wait: the warm-up and the guard's header READs."""
+        self._start(posts, ids, timeout_s, {}, (0, 0, 0), token=token).wait()
 
     # --- reads --------------------------------------------------------------------------
 
@@ -300,27 +336,8 @@ class Reader:
             self._peer(rank)
         indexed = index_batch([self._lists[r].tables for r in plan.src_ranks], block_pairs, layers=layers)
         posted = [r for r in indexed.ranks if r.dst_indices.size]
-        self._fresh_lists([r.src_rank for r in posted], ids)
+        refresh_lists(self._lists, [r.src_rank for r in posted], self.endpoint, self.peers, label(ids))
         return indexed, {r.src_rank: (self._lists[r.src_rank], r.dst_indices, r.src_indices) for r in posted}
-
-    def _fresh_lists(self, ranks, ids: tuple[str, ...]) -> None:
-        """Prepare again the lists of `ranks` whose local list predates the endpoint's
-        last (de)registration: NIXL lists of deregistered memory must not be used."""
-        own = self.endpoint
-        for rank in ranks:
-            old = self._lists[rank]
-            if old.generation == own.generation:
-                continue
-            peer = self.peers[rank]
-            try:
-                fresh = PeerLists(own.agent, old.tables, peer.agent_name, own.mem_type,
-                                  peer.handshake.mem_type, own.generation)
-            except Exception as error:
-                raise _nixl_error(f"Could not prepare the lists of src rank {rank} again after "
-                                  f"this endpoint re-registered", error, request=label(ids),
-                                  peer=peer.agent_name) from error
-            old.retire()
-            self._lists[rank] = fresh
 
     def start_read(self, block_pairs: object, request_ids: str | Sequence[str], *,
                    layers: object = None, timeout_s: float = 30.0, strategy: str | None = None) -> PendingRead:
@@ -335,8 +352,9 @@ class Reader:
             strategy: this batch's strategy, overriding the reader's (see `Reader`).
 
         Raises:
-            BlockRangeError, PlanError: bad block ids, layers or arguments, or a forced
-                strategy the connection cannot run (the message says why).
+            BlockRangeError, PlanError: bad block ids, layers or arguments, a forced
+                strategy the connection cannot run (the message says why), or dst pages
+                that a batch of any reader of this endpoint may still write.
             HandshakeError: a src rank the plan needs is not connected.
             TransferError: NIXL refused to prepare or post a READ.
         """
@@ -351,37 +369,29 @@ class Reader:
             self._peer(rank)
         num_layers = self.endpoint.regions.num_layers if layers is None else len(np.asarray(layers).reshape(-1))
         num_requests = max(pairs.shape[0] if pairs.ndim == 2 else 1, 1)
-        self._check_free(set(), set())  # gives back the staging of batches that are over
-        name = self._programs.choose(num_requests, max(num_layers, 1), strategy)
-        lease, staging = 0, None
-        if name in ("staged", "packed"):
-            got = self._programs.lease_staging(name, num_requests, max(num_layers, 1))
-            if got is None and (strategy or self.strategy) != "auto":
-                raise PlanError(f"The staging area ({self._programs.staging_nbytes} bytes) is taken by "
-                                f"batches in flight: wait for them, or read with a larger staging_nbytes.")
-            if got is None:
-                name = self._programs.choose(num_requests, max(num_layers, 1), exclude=("staged", "packed"))
-            else:
-                lease, staging = got
+        self._batches = self._programs.release_finished(self._batches)  # staging of batches over
+        name, lease, staging = self._programs.choose_and_lease(num_requests, max(num_layers, 1), strategy)
         if name == "direct" and self.prepare == "once":
             return self._start_prepared(pairs, layers, request_ids, ids, deadline)
         try:
             program = self._programs.program(name, pairs, layers, staging)
             blocks, layer_set = set(program.block_pairs[:, 1].tolist()), set(program.layers.tolist())
-            self._check_free(blocks, layer_set)
+            self.endpoint.inflight.check_free(blocks, layer_set)
+            check = self._guard.prepare(plan, list(program.src_ranks), program.layers, program.block_pairs,
+                                        _row_ids(request_ids, program.block_pairs, pairs), ids, deadline,
+                                        self.before_check, notify=True)
         except BaseException:
             self._programs.release_staging(lease)
             raise
-        check = self._guard.prepare(plan, list(program.src_ranks), program.layers, program.block_pairs,
-                                    _row_ids(request_ids, program.block_pairs, pairs), ids, deadline,
-                                    self.before_check, notify=True)
-        pending = PendingRead(self.endpoint.agent, [], ids, deadline,
+        pending = PendingRead(self.endpoint, [], ids, deadline,
                               (program.num_reads, program.num_descriptors, program.nbytes), time.perf_counter(),
                               strategy=name)
         pending.attach(self._programs.run(program, pending, label(ids)))
         pending.check = check
         pending.staging_lease = lease
-        self._batches.append((pending, blocks, layer_set))
+        token = self._programs.staging_token if staging is not None else None
+        self.endpoint.inflight.add(pending, blocks=blocks, layers=layer_set, token=token)
+        self._batches = [p for p in self._batches if p.status == "in flight" or p.staging_lease] + [pending]
         pending.kick()  # posts the first waves now
         return pending
 
@@ -390,36 +400,17 @@ class Reader:
         """The direct strategy on lists prepared once per peer: one READ per src rank."""
         batch, posts = self._batch(pairs, layers, ids)
         blocks, layer_set = set(pairs[:, 1].tolist()), set(batch.layers.tolist())
-        self._check_free(blocks, layer_set)
+        self.endpoint.inflight.check_free(blocks, layer_set)
         counts = (batch.num_reads, batch.num_descriptors, batch.nbytes)
         ranks = [r.src_rank for r in batch.ranks if r.num_descriptors]
+        notes = {} if self._guard.defers_notification else self._guard.notes(posts, ids)
         check = self._guard.prepare(batch.plan, ranks, batch.layers, batch.block_pairs,
-                                    _row_ids(request_ids, batch.block_pairs, pairs), ids, deadline, self.before_check)
-        # with checks on, the src is notified only once the bytes passed them
-        notif = b"" if self._guard.defers_notification else encode_notification(ids)
-        pending = self._start(posts, ids, deadline - time.monotonic(), notif, counts)
+                                    _row_ids(request_ids, batch.block_pairs, pairs), ids, deadline,
+                                    self.before_check, notify=notes is None)
+        pending = self._start(posts, ids, deadline - time.monotonic(), notes or {}, counts,
+                              blocks=blocks, layers=layer_set)
         pending.check = check
-        self._batches.append((pending, blocks, layer_set))
         return pending
-
-    def _check_free(self, blocks: set[int], layers: set[int]) -> None:
-        """Refuse dst pages that an unfinished batch, or a failed one that is not
-        `settled`, may still write."""
-        kept = []
-        for pending, used, used_layers in self._batches:
-            if pending.status == "received" or (pending.status != "in flight" and pending.settled):
-                self._programs.release_staging(pending.staging_lease)
-                pending.staging_lease = 0
-                continue
-            kept.append((pending, used, used_layers))
-            clash = blocks & used
-            if clash and layers & used_layers:
-                what = ("is still in flight" if pending.status == "in flight" else
-                        f"{pending.status} while its READs were in flight, and NIXL may still be "
-                        f"writing them (wait for its `settled`)")
-                raise PlanError(f"dst block {min(clash)} is being written by batch "
-                                f"{pending.request!r}, which {what}. Read into another block.")
-        self._batches = kept
 
     def read(self, block_pairs: object, request_ids: str | Sequence[str], *,
              layers: object = None, timeout_s: float = 30.0) -> ReadStats:
@@ -430,99 +421,47 @@ class Reader:
                request_ids: str | Sequence[str], *, timeout_s: float = 30.0) -> PendingRead:
         """Post arbitrary `{src_rank: (dst_descs, src_descs)}` `(M, 3)` uint64 arrays, one
         READ per rank, with the usual notification; for strategies other than
-        `expand_plan` (benchmarks)."""
+        `expand_plan` (benchmarks). Runs no check, and fences no dst block."""
         ids = request_ids_of(request_ids, None)
         total = sum(int(d[:, 1].sum()) for d, _ in descriptors.values())
         n = sum(len(d) for d, _ in descriptors.values())
-        return self._start(dict(descriptors), ids, timeout_s, encode_notification(ids), (n, n, total))
-
-    def _post_now(self, transfer: Transfer, post: tuple, request: str) -> None:
-        """Post one READ of a program (no notification: it is sent after the checks)."""
-        try:
-            state = self._post(transfer, post, b"")
-        except Exception as error:
-            transfer.release()
-            raise _nixl_error(f"Could not post the READ from src rank {transfer.src_rank}", error,
-                              request=request, peer=transfer.peer) from error
-        if state == "ERR":
-            transfer.release()
-            raise TransferError(f"Posting the READ from src rank {transfer.src_rank} failed.",
-                                request=request, peer=transfer.peer)
-
-    def _post(self, transfer: Transfer, post: tuple, notif: bytes) -> str:
-        """Make and post one READ: `post` is `(dst_descs, src_descs)` arrays, prepared for
-        this READ alone, or `(PeerLists, dst_indices, src_indices)`."""
-        agent = self.endpoint.agent
-        if isinstance(post[0], PeerLists):
-            lists, dst_index, src_index = post
-            transfer.shared = lists.acquire()
-            local, remote = lists.local, lists.remote
-        else:
-            dst_descs, src_descs = post
-            peer = self.peers[transfer.src_rank]
-            local = agent.prep_xfer_dlist(LOCAL_AGENT, np.ascontiguousarray(dst_descs),
-                                          self.endpoint.mem_type)
-            transfer.handles.append(local)
-            remote = agent.prep_xfer_dlist(peer.agent_name, np.ascontiguousarray(src_descs),
-                                           peer.handshake.mem_type)
-            transfer.handles.append(remote)
-            dst_index = src_index = np.arange(len(dst_descs), dtype=np.int32)
-        transfer.xfer = agent.make_prepped_xfer("READ", local, dst_index, remote, src_index,
-                                                notif_msg=notif)
-        return agent.transfer(transfer.xfer)
+        notes = self._guard.notes(descriptors, ids) or {}
+        return self._start(dict(descriptors), ids, timeout_s, notes, (n, n, total))
 
     def _start(self, posts: Mapping[int, tuple], ids: tuple[str, ...], timeout_s: float,
-               notif: bytes, counts: tuple[int, int, int]) -> PendingRead:
-        transfers: list[Transfer] = []
-        started = time.perf_counter()
-        deadline = time.monotonic() + timeout_s
-        for src_rank, post in sorted(posts.items()):
-            peer = self._peer(src_rank)
-            transfer = Transfer(src_rank, peer.agent_name)
-            transfers.append(transfer)
-            try:
-                state = self._post(transfer, post, notif)
-            except Exception as error:
-                for t in transfers:
-                    t.release()
-                raise _nixl_error(f"Could not post the READ from src rank {src_rank}", error,
-                                  request=label(ids), peer=peer.agent_name) from error
-            if state == "ERR":
-                for t in transfers:
-                    t.release()
-                raise TransferError(f"Posting the READ from src rank {src_rank} failed.",
-                                    request=label(ids), peer=peer.agent_name)
-        return PendingRead(self.endpoint.agent, transfers, ids, deadline, counts, started)
+               notes: Mapping[int, bytes], counts: tuple[int, int, int], *, blocks=(), layers=(),
+               token: object = None) -> PendingRead:
+        """Post one READ per src rank (`_post.start_reads`); the endpoint tracks the batch."""
+        for src_rank in posts:
+            self._peer(src_rank)
+        pending = start_reads(self.endpoint, self.peers, posts, ids, timeout_s, notes, counts,
+                              blocks=blocks, layers=layers, token=token)
+        self._batches = [p for p in self._batches if p.status == "in flight" or p.staging_lease] + [pending]
+        return pending
+
+    def _post_now(self, transfer, post: tuple, request: str) -> None:
+        """Post one READ of a program (no notification: it is sent after the checks)."""
+        post_one(self.endpoint, self.peers[transfer.src_rank], transfer, post, b"", request)
 
     def close(self, *, settle_timeout_s: float = 10.0) -> None:
         """Disconnect from every src rank; the endpoint stays open. Batches not finished
-        are cancelled, and their READs given up to `settle_timeout_s` to finish before
-        their handles are released (after that, keep the dst memory alive until the src
-        engines are gone: NIXL may still write into it)."""
+        are cancelled and given up to `settle_timeout_s` to settle; READs that did not
+        settle by then stay tracked by the endpoint, which refuses their dst blocks to
+        every reader until they settle or it is closed (keep the dst memory allocated
+        until then: NIXL may still write into it)."""
         deadline = time.monotonic() + settle_timeout_s
-        for pending, _, _ in self._batches:
-            if pending.status == "in flight":
-                pending.cancel()
+        for pending in self._batches:
+            pending.cancel()  # no-op for batches received or failed
             pending.wait_settled(max(deadline - time.monotonic(), 0.0))
-            pending.release()
+        self._programs.release_finished(self._batches)
         self._batches = []
         for rank in list(self.peers):
             self.disconnect(rank)
         self._guard.close()
-        self._programs.close()
+        self._programs.close()  # a staging area still written is retired to the endpoint
 
     def __enter__(self) -> "Reader":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _row_ids(request_ids: object, sorted_pairs: np.ndarray, given_pairs: np.ndarray) -> object:
-    """The request ids in the order of `sorted_pairs` (the batch's pairs sorted by dst
-    block), or the single str naming the whole batch."""
-    if isinstance(request_ids, str):
-        return request_ids
-    ids = list(request_ids)
-    order = {int(d): i for i, d in enumerate(np.asarray(given_pairs)[:, 1].tolist())}
-    return [ids[order[int(d)]] for d in sorted_pairs[:, 1].tolist()]

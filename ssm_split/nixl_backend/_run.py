@@ -165,6 +165,11 @@ class ProgramRun:
                 self._fail(f"src rank {rank} refused to pack wave {state.index + 1}: "
                            f"{got.get('error', got)}", rank)
 
+    def copies_done(self) -> bool:
+        """True once no copy this run launched is still running (a failed batch's scatter
+        may still be writing dst pages: the batch is not settled before)."""
+        return all(w.scatter is None or w.scatter.done() for w in self._waves)
+
     def abandon(self) -> None:
         """The batch failed: give back every lease the src granted (READs in flight stay
         with the reader until settled)."""

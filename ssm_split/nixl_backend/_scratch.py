@@ -3,7 +3,8 @@
 Layout of the `SCRATCH_NBYTES` bytes (the only owner of these numbers)::
 
     [0, 16)   header, read by peers:  magic b"SSMSPLIT" | generation (8 bytes, little-endian)
-    [16, 32)  where this endpoint lands its own warm-up READs of peers' headers
+    [16, 64)  unused (readers land their READs of peers' headers in buffers of their own,
+              which they retire while such a READ may still write: `_guard.Guard.landing`)
 
 A src endpoint writes its registration generation into the header whenever it
 (de)registers its pages, *before* deregistering, so that a reader that READs the header
@@ -17,14 +18,11 @@ import numpy as np
 
 from ..layout._regions import Buffer
 
-__all__ = ["SCRATCH_NBYTES", "HEADER_NBYTES", "encode_header", "parse_header", "header_desc",
-           "warm_up_desc", "WARM_UP_OFFSET"]
+__all__ = ["SCRATCH_NBYTES", "HEADER_NBYTES", "encode_header", "parse_header", "header_desc"]
 
 SCRATCH_NBYTES = 64
 HEADER_NBYTES = 16
 _MAGIC = b"SSMSPLIT"
-WARM_UP_OFFSET = 16
-"""Byte offset of the warm-up landing inside the scratch buffer."""
 
 
 def encode_header(generation: int) -> bytes:
@@ -42,9 +40,3 @@ def parse_header(header: bytes) -> int | None:
 def header_desc(scratch: Buffer) -> np.ndarray:
     """Shape `(1, 3)` uint64 `(addr, nbytes, device_id)`: the header of a scratch buffer."""
     return np.array([[scratch.addr, HEADER_NBYTES, scratch.device_id]], dtype=np.uint64)
-
-
-def warm_up_desc(scratch: Buffer) -> np.ndarray:
-    """Shape `(1, 3)` uint64: where an endpoint lands its warm-up READs of peers' headers."""
-    return np.array([[scratch.addr + WARM_UP_OFFSET, HEADER_NBYTES, scratch.device_id]], dtype=np.uint64)
-
