@@ -21,6 +21,13 @@ from ssm_split.reference import random_state, shard
 
 SRC_FILL, DST_FILL = 0x5A, 0xEE
 
+TCP = {"engine_config": "TLS=tcp"}
+"""UCX parameters of a src serving READs over UCX's tcp transport only: its READs are
+emulated in software, slow enough to hurt mid-flight (a stopped src never answers one)."""
+EMULATING = {"engine_config": "PROTO_EMULATION_ENABLE=y"}
+"""UCX parameters of a dst endpoint that accepts emulated READs (to read a `TCP` src);
+endpoints refuse them by default (`ssm_split.nixl_backend._ucx`)."""
+
 
 @dataclass(frozen=True)
 class Case:

@@ -15,7 +15,11 @@ sends the addresses and agent names to the test over a pipe; then it answers com
   `("registered", generation)`;
 - `("notified", request_id)`: poll notifications; answers `("notified", [count per rank])`;
 - `("counts",)`: poll notifications; answers `("counts", ([{request_id: count} per rank],
-  foreign notifications))`;
+  notifications dropped))`;
+- `("fds",)`: answers `("fds", open file descriptors of the process)`;
+- `("nofile", n)`: lower the process's soft limit of open files to `n`; answers
+  `("nofile", previous soft limit)`;
+- `("stats",)`: answers `("stats", [side channel counters per rank])`;
 - `("stop",)`: close and exit.
 
 Only the pipe's small control messages and what NIXL and the side channel carry cross
@@ -57,6 +61,16 @@ def _overwrite(memory, host) -> None:
 def _answer(command, endpoints, memories, host_pages) -> tuple:
     """The reply to one command (see the module docstring)."""
     kind = command[0]
+    if kind == "fds":
+        return "fds", len(os.listdir("/proc/self/fd"))
+    if kind == "nofile":
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (command[1], hard))
+        return "nofile", soft
+    if kind == "stats":
+        return "stats", [e.side_channel_stats for e in endpoints]
     if kind == "wait":
         _, request_ids, counts = command
         for endpoint, count in zip(endpoints, counts):
@@ -83,14 +97,16 @@ def _answer(command, endpoints, memories, host_pages) -> tuple:
         return "notified", [e.reads_done(command[1]) for e in endpoints]
     if kind == "counts":
         return "counts", ([e.reads_done_counts for e in endpoints],
-                          sum(len(e.foreign_notifications) for e in endpoints))
+                          sum(sum(e.notification_drops.values()) for e in endpoints))
     raise ValueError(f"unknown command {command!r}")
 
 
-def serve_src(case, conn, device: str = "cpu", fill: str = "reference", ucx_params=None) -> None:
+def serve_src(case, conn, device: str = "cpu", fill: str = "reference", ucx_params=None,
+              secret: bytes | None = None, agent_prefix: str | None = None) -> None:
     """Serve every src rank of `case`. `device`: "cpu" (numpy DRAM) or "cuda" (VRAM
     tensors); `fill`: "reference" (`case.src_memory`) or "random"
-    (`_cluster.random_src_memory`); `ucx_params`: passed to every `Endpoint`."""
+    (`_cluster.random_src_memory`); `ucx_params` and `secret`: passed to every `Endpoint`;
+    `agent_prefix`: agent names `{agent_prefix}-r{rank}` (default: random names)."""
     os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
     if device != "cpu":
         os.environ.setdefault("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")
@@ -105,8 +121,10 @@ def serve_src(case, conn, device: str = "cpu", fill: str = "reference", ucx_para
         # memory first: on a GPU the CUDA context must exist before any agent
         placed = [_on_device(host_pages(rank), device) for rank in range(case.src_tp)]
         memories = [memory for memory, _, _ in placed]
+        options = {"secret": secret} if secret is not None else {}
         endpoints = [Endpoint(case.spec, tp=case.src_tp, rank=r, memory=[m],
-                              regions=case.regions("src", addr, device), ucx_params=ucx_params)
+                              regions=case.regions("src", addr, device), ucx_params=ucx_params,
+                              name=f"{agent_prefix}-r{r}" if agent_prefix else None, **options)
                      for r, (m, addr, device) in enumerate(placed)]
         conn.send(("ready", ([e.serve("127.0.0.1", 0) for e in endpoints], [e.name for e in endpoints])))
         while True:
@@ -146,8 +164,8 @@ def _thread_state(pid: int, task: str) -> str:
 class SrcEngine:
     """The test side of `serve_src`: starts the process, talks to it, hurts it, stops it.
 
-    Args: as `serve_src` (`case`, `device`, `fill`, `ucx_params`); `start_timeout_s`
-    bounds start-up (building pages of large cases takes a while).
+    Args: as `serve_src` (`case`, `device`, `fill`, `ucx_params`, `secret`, `agent_prefix`);
+    `start_timeout_s` bounds start-up (building pages of large cases takes a while).
 
     Attributes:
         addresses: each src rank's side channel `(host, port)`.
@@ -156,10 +174,12 @@ class SrcEngine:
     """
 
     def __init__(self, case, device: str = "cpu", fill: str = "reference",
-                 start_timeout_s: float = 120, ucx_params=None):
+                 start_timeout_s: float = 120, ucx_params=None, secret: bytes | None = None,
+                 agent_prefix: str | None = None):
         ctx = mp.get_context("spawn")
+        self.ucx_params = ucx_params
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=serve_src, args=(case, child, device, fill, ucx_params),
+        self.proc = ctx.Process(target=serve_src, args=(case, child, device, fill, ucx_params, secret, agent_prefix),
                                 daemon=True)
         self.proc.start()
         child.close()
@@ -206,3 +226,43 @@ class SrcEngine:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def read_until_killed(case, addresses, conn, ucx_params=None) -> None:
+    """A dst rank 0 of `case` in its own process: connects to the src ranks at
+    `addresses`, warms up, says ("ready", None), then reads the whole batch again and
+    again until it is killed. A failure is sent as ("error", traceback)."""
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+    try:
+        from ssm_split.nixl_backend import Endpoint, Reader
+
+        memory = case.dst_memory()
+        endpoint = Endpoint(case.spec, tp=case.dst_tp, rank=0, memory=[memory],
+                            regions=case.regions("dst", memory.ctypes.data), ucx_params=ucx_params)
+        reader = Reader(endpoint)
+        for address in addresses:
+            reader.connect_to(*address)
+        reader.warm_up()
+        conn.send(("ready", None))
+        for count in range(1 << 30):
+            reader.read(case.pairs_array, f"loop-{count}", timeout_s=30)
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        raise
+
+
+def start_reader(case, addresses, ucx_params=None, timeout_s: float = 60.0):
+    """`read_until_killed` in a spawned process, once it is ready: `(process, pipe)`."""
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=read_until_killed, args=(case, addresses, child, ucx_params), daemon=True)
+    proc.start()
+    child.close()
+    if not conn.poll(timeout_s):
+        proc.kill()
+        raise AssertionError("the reader process did not get ready")
+    kind, payload = conn.recv()
+    if kind != "ready":
+        proc.join(10)
+        raise AssertionError(f"the reader process failed:\n{payload}")
+    return proc, conn

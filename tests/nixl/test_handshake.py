@@ -1,4 +1,5 @@
-"""Handshake encoding, strict decoding and the TCP side channel (no NIXL needed)."""
+"""Handshake encoding, strict decoding and the handshake over the side channel (no NIXL
+needed; the side channel itself is tested in test_side_channel.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import dataclasses
 import hashlib
 import json
 import socket
-import struct
+import threading
 
 import pytest
 
@@ -15,7 +16,8 @@ from ssm_split import Buffer, GDNSpec, Mamba2Spec, RegionSet, TransferError
 from ssm_split.errors import HandshakeError
 from ssm_split.nixl_backend import HANDSHAKE_VERSION, Handshake, decode_handshake, spec_fingerprint
 from ssm_split.nixl_backend._handshake import MAX_HANDSHAKE_NBYTES, _canonical
-from ssm_split.nixl_backend._sidechannel import REQUEST, SideChannelServer, fetch_handshake_bytes
+from ssm_split.nixl_backend._sidechannel import SideChannelServer
+from ssm_split.nixl_backend._sideclient import SideChannelClient, fetch_handshake, fetch_handshake_bytes
 
 SPEC = Mamba2Spec(num_heads=4, head_dim=2, num_groups=1, state_size=4, ssm_dtype="float32")
 
@@ -115,12 +117,19 @@ def test_metadata_survives_base64():
     assert decode_handshake(hs.encode()).agent_metadata == raw
 
 
-# --- side channel -------------------------------------------------------------------------
+# --- the handshake over the side channel ----------------------------------------------
+
+
+def handshake_server(provider, **options) -> SideChannelServer:
+    """A side channel serving `provider()` as its handshake (as an Endpoint's does)."""
+    server = SideChannelServer("127.0.0.1", 0, **options)
+    server.add_handler("handshake", lambda request, payload, context: ({}, provider()), inline=True)
+    return server
 
 
 def test_side_channel_serves_the_current_handshake():
     current = [make_handshake(generation=1).encode()]
-    server = SideChannelServer(lambda: current[0], "127.0.0.1", 0)
+    server = handshake_server(lambda: current[0])
     try:
         host, port = server.address
         assert host == "127.0.0.1" and port > 0
@@ -131,51 +140,56 @@ def test_side_channel_serves_the_current_handshake():
         server.close()
 
 
-def test_side_channel_ignores_other_requests():
-    server = SideChannelServer(lambda: b"secret", "127.0.0.1", 0)
+def test_side_channel_drops_other_traffic_and_keeps_serving():
+    server = handshake_server(lambda: b"the handshake")
     try:
         with socket.create_connection(server.address, timeout=5) as conn:
-            conn.sendall(b"GET / HTTP/1.0\r\n\r\n".ljust(len(REQUEST), b" "))
-            assert conn.recv(100) == b""  # closed without an answer
-        assert fetch_handshake_bytes(*server.address) == b"secret"
+            conn.sendall(b"GET / HTTP/1.0\r\n\r\n")  # not ZeroMQ: never answered
+        assert fetch_handshake_bytes(*server.address) == b"the handshake"
     finally:
         server.close()
 
 
 def test_nobody_listening_is_a_transfer_error_naming_the_address():
-    server = SideChannelServer(lambda: b"x", "127.0.0.1", 0)
+    server = handshake_server(lambda: b"x")
     host, port = server.address
     server.close()
     with pytest.raises(TransferError, match=f"Could not fetch a handshake from 127.0.0.1:{port}") as info:
-        fetch_handshake_bytes(host, port, timeout_s=2)
+        fetch_handshake_bytes(host, port, timeout_s=1)
     assert info.value.peer == f"127.0.0.1:{port}"
 
 
-def _one_shot_server(answer: bytes) -> tuple[socket.socket, tuple[str, int]]:
+def test_an_oversized_handshake_is_a_handshake_error():
+    server = handshake_server(lambda: b" " * (MAX_HANDSHAKE_NBYTES + 1))
+    try:
+        with pytest.raises(HandshakeError, match="above the limit"):
+            fetch_handshake_bytes(*server.address, timeout_s=10)
+    finally:
+        server.close()
+
+
+def test_a_malformed_session_id_is_a_handshake_error():
+    server = SideChannelServer("127.0.0.1", 0)
+    server.add_handler("handshake", lambda r, p, c: ({"session": "not hex"}, b"x"), inline=True)
+    try:
+        with SideChannelClient(*server.address) as client, pytest.raises(HandshakeError, match="session id"):
+            fetch_handshake(client, "reader")
+    finally:
+        server.close()
+
+
+def test_a_peer_that_speaks_no_zeromq_is_a_timeout_not_a_hang():
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(5)
-
-    import threading
 
     def serve():
         conn, _ = listener.accept()
         with conn:
-            conn.recv(len(REQUEST))
-            conn.sendall(answer)
+            conn.sendall(b"\x00\x00" * 64)  # junk instead of a ZeroMQ greeting
 
     threading.Thread(target=serve, daemon=True).start()
-    return listener, listener.getsockname()[:2]
-
-
-@pytest.mark.parametrize("answer, match", [
-    (struct.pack(">Q", MAX_HANDSHAKE_NBYTES + 1), "above the limit"),
-    (struct.pack(">Q", 100) + b"short", "truncated handshake"),
-    (b"\x00\x00", "truncated handshake"),
-])
-def test_bad_answers_are_handshake_errors(answer, match):
-    listener, (host, port) = _one_shot_server(answer)
     try:
-        with pytest.raises(HandshakeError, match=match):
-            fetch_handshake_bytes(host, port, timeout_s=5)
+        with pytest.raises(TransferError, match="Could not fetch a handshake"):
+            fetch_handshake_bytes(*listener.getsockname()[:2], timeout_s=1)
     finally:
         listener.close()

@@ -9,16 +9,15 @@
   pass silently without integrity mode and are caught with it.
 - With integrity mode off nothing changes: same bytes, same statistics, same
   notifications, and no integrity request reaches the src.
-- The src's integrity handler answers hostile requests with a refusal, never a crash.
+- The src's integrity handlers answer hostile requests with a refusal, never a crash,
+  and bound their work (test_side_channel.py floods them).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import socket
-import struct
 import time
 
 import numpy as np
@@ -33,9 +32,9 @@ from ssm_split.errors import IntegrityError, StaleHandshakeError
 from ssm_split.nixl_backend import Endpoint, Reader, fetch_handshake_bytes  # noqa: E402
 from ssm_split.integrity._digests import plan_pieces  # noqa: E402
 from ssm_split.nixl_backend._handshake import spec_fingerprint  # noqa: E402
-from ssm_split.nixl_backend._integrity_src import (INTEGRITY_REQUEST, MAX_REQUEST_NBYTES,  # noqa: E402
-                                                   answer_integrity)
+from ssm_split.nixl_backend._integrity_src import MAX_PIECES_PER_REQUEST, integrity_handlers  # noqa: E402
 from ssm_split.nixl_backend._sidechannel import SideChannelServer  # noqa: E402
+from ssm_split.nixl_backend._sideclient import SideChannelClient  # noqa: E402
 
 from ._cluster import DST_FILL, Case, first_difference  # noqa: E402
 
@@ -178,8 +177,10 @@ def shifted(source: Endpoint, case: Case):
 def lying_side_channel(source: Endpoint, handshake):
     """A side channel that serves `handshake` for `source` and answers integrity requests
     with `source`'s true pages: a src whose handshake lies about its offsets."""
-    server = SideChannelServer(lambda: handshake.encode(), "127.0.0.1", 0,
-                               {INTEGRITY_REQUEST: lambda conn: answer_integrity(source, conn)})
+    server = SideChannelServer("127.0.0.1", 0)
+    server.add_handler("handshake", lambda request, payload, context: ({}, handshake.encode()), inline=True)
+    for op, handler in integrity_handlers(source, lambda: None).items():
+        server.add_handler(op, handler)
     try:
         yield server.address
     finally:
@@ -247,24 +248,13 @@ def test_a_stale_handshake_is_refused_before_anything_is_read():
 # --- hostile integrity requests -----------------------------------------------------------
 
 
-def ask_raw(address, payload: bytes) -> dict | None:
-    """Send the integrity request line and `payload`; the answer's header, or None when
-    the src closed the connection without one."""
-    with socket.create_connection(address, timeout=5) as conn:
-        conn.sendall(INTEGRITY_REQUEST + payload)
-        conn.shutdown(socket.SHUT_WR)
-        data = b""
-        while chunk := conn.recv(1 << 16):
-            data += chunk
-    if len(data) < 8:
-        return None
-    (length,) = struct.unpack(">Q", data[:8])
-    return json.loads(data[8: 8 + length])
-
-
-def framed(request) -> bytes:
-    body = json.dumps(request).encode() if not isinstance(request, bytes) else request
-    return struct.pack(">Q", len(body)) + body
+def ask(address, op: str, body) -> dict:
+    """One request; the answer's body with its "ok" (and "kind", "error")."""
+    with SideChannelClient(*address, timeout_s=10) as client:
+        ticket = client.send(op, body)
+        answered, reply = client.recv()
+        assert answered == ticket
+    return {"ok": reply.ok, "kind": reply.kind, "error": reply.error, **reply.body}
 
 
 @pytest.fixture(scope="module")
@@ -280,39 +270,38 @@ def _good(source, **changes) -> dict:
 
 
 @pytest.mark.parametrize("build, kind", [
-    (lambda s: framed(_good(s)), None),
-    (lambda s: framed(_good(s, op="bytes", items=[[0, 7, 0]])), None),
-    (lambda s: struct.pack(">Q", MAX_REQUEST_NBYTES + 1), "refused"),
-    (lambda s: framed(b"\xff not json"), "refused"),
-    (lambda s: framed([1, 2]), "refused"),
-    (lambda s: framed(_good(s, op="delete")), "refused"),
-    (lambda s: framed(_good(s, generation=s.generation + 1)), "stale"),
-    (lambda s: framed(_good(s, generation=True)), "stale"),
-    (lambda s: framed(_good(s, fingerprint="0" * 64)), "refused"),
-    (lambda s: framed(_good(s, dst_tp=0)), "refused"),
-    (lambda s: framed(_good(s, dst_tp=True, dst_rank=False)), "refused"),
-    (lambda s: framed(_good(s, dst_tp=5)), "refused"),  # 6 heads cannot be sharded on 5
-    (lambda s: framed(_good(s, src_blocks=[9])), "refused"),
-    (lambda s: framed(_good(s, src_blocks=[-1])), "refused"),
-    (lambda s: framed(_good(s, layers=[3])), "refused"),
-    (lambda s: framed(_good(s, layers=[0] * 70000)), "refused"),
-    (lambda s: framed(_good(s, layers=[0] * 4096, src_blocks=[0] * 4096)), "refused"),
-    (lambda s: framed(_good(s, src_blocks="0")), "refused"),
-    (lambda s: framed(_good(s, src_blocks=[2 ** 70])), "refused"),
-    (lambda s: framed(_good(s, layers=[0.0])), "refused"),
-    (lambda s: framed(_good(s, op="bytes", items=[[0, 7, 99]])), "refused"),
-    (lambda s: framed(_good(s, op="bytes", items=[[0, 7]])), "refused"),
-    (lambda s: framed(_good(s, op="bytes", items=[[0, 70, 0]])), "refused"),
-    (lambda s: framed(_good(s, op="bytes", items=7)), "refused"),
-    (lambda s: struct.pack(">Q", 100) + b"{", "refused"),  # cut short
+    (lambda s: ("digests", _good(s)), None),
+    (lambda s: ("pieces", _good(s, items=[[0, 7, 0]])), None),
+    (lambda s: ("delete", _good(s)), "unknown-op"),
+    (lambda s: ("digests", _good(s, generation=s.generation + 1)), "stale"),
+    (lambda s: ("digests", _good(s, generation=True)), "stale"),
+    (lambda s: ("digests", _good(s, fingerprint="0" * 64)), "refused"),
+    (lambda s: ("digests", _good(s, dst_tp=0)), "refused"),
+    (lambda s: ("digests", _good(s, dst_tp=True, dst_rank=False)), "refused"),
+    (lambda s: ("digests", _good(s, dst_tp=5)), "refused"),  # 6 heads cannot be sharded on 5
+    (lambda s: ("digests", _good(s, src_blocks=[9])), "refused"),
+    (lambda s: ("digests", _good(s, src_blocks=[-1])), "refused"),
+    (lambda s: ("digests", _good(s, layers=[3])), "refused"),
+    (lambda s: ("digests", _good(s, layers=[0] * 70000)), "refused"),
+    (lambda s: ("digests", _good(s, layers=[0] * 4096, src_blocks=[0] * 4096)), "refused"),
+    (lambda s: ("digests", _good(s, src_blocks="0")), "refused"),
+    (lambda s: ("digests", _good(s, src_blocks=[2 ** 70])), "refused"),
+    (lambda s: ("digests", _good(s, layers=[0.0])), "refused"),
+    (lambda s: ("pieces", _good(s, items=[[0, 7, 99]])), "refused"),
+    (lambda s: ("pieces", _good(s, items=[[0, 7]])), "refused"),
+    (lambda s: ("pieces", _good(s, items=[[0, 70, 0]])), "refused"),
+    (lambda s: ("pieces", _good(s, items=7)), "refused"),
+    (lambda s: ("pieces", _good(s, items=[[0, 7, 0]] * (MAX_PIECES_PER_REQUEST + 1))), "refused"),
+    (lambda s: ("pieces", _good(s, items=[])), "refused"),
+    (lambda s: ("bytes", _good(s, items=[[0, 7, 0]])), "unknown-op"),  # the old raw-bytes op is gone
 ])
 def test_hostile_integrity_requests_are_refused_and_the_src_keeps_serving(served, build, kind):
-    header = ask_raw(served.address, build(served))
-    if kind is None and header is not None:
-        assert header["ok"] is True
-    elif kind is not None:
-        assert header is not None and header["ok"] is False and header["kind"] == kind
-        assert header["error"]
+    op, body = build(served)
+    answer = ask(served.address, op, body)
+    if kind is None:
+        assert answer["ok"] is True
+    else:
+        assert answer["ok"] is False and answer["kind"] == kind and answer["error"]
     assert fetch_handshake_bytes(*served.address, timeout_s=5) == served.handshake().encode()
 
 

@@ -33,7 +33,7 @@ from ssm_split import GDNSpec, Mamba2Spec, RegionSet, plan_all  # noqa: E402
 from ssm_split.nixl_backend import Endpoint, Reader  # noqa: E402
 from ssm_split.reference import shard  # noqa: E402
 
-from ._cluster import DST_FILL, Case  # noqa: E402
+from ._cluster import DST_FILL, EMULATING, TCP, Case  # noqa: E402
 from ._peer import SrcEngine  # noqa: E402
 
 pytestmark = pytest.mark.nixl
@@ -41,7 +41,6 @@ pytestmark = pytest.mark.nixl
 POOL, LAYERS, DST_BLOCKS = 24, 3, 160
 REQUESTS_PER_PAIR, MAX_BATCH, IN_FLIGHT = 1000, 12, 8
 TIME_LIMIT_S = 120.0
-TCP = {"engine_config": "TLS=tcp"}
 
 PAIRS = [  # (case, src UCX parameters, integrity mode)
     (Case(Mamba2Spec(num_heads=8, head_dim=4, num_groups=1, state_size=8), 1, 2, num_layers=LAYERS,
@@ -76,7 +75,8 @@ def make_dst(pair: int, case: Case, rank: int, src: SrcEngine, integrity: bool, 
     memory = np.full(LAYERS * DST_BLOCKS * page_nbytes, DST_FILL, np.uint8)
     regions = RegionSet.packed(memory.ctypes.data, num_layers=LAYERS, num_blocks=DST_BLOCKS,
                                page_nbytes=page_nbytes, order=("layer", "block")[rank % 2])
-    endpoint = Endpoint(case.spec, tp=case.dst_tp, rank=rank, memory=[memory], regions=regions)
+    endpoint = Endpoint(case.spec, tp=case.dst_tp, rank=rank, memory=[memory], regions=regions,
+                        ucx_params=EMULATING if src.ucx_params == TCP else None)
     reader = Reader(endpoint, prepare=("once", "per-batch")[rank % 2], integrity=integrity)
     for address in src.addresses:
         reader.connect_to(*address)

@@ -94,7 +94,7 @@ def test_batch_lands_byte_for_byte_and_src_ranks_are_notified(name, prepare):
             for request_id in case.request_ids:
                 source.wait_for_reads(request_id, readers_of_rank, timeout_s=10)
                 assert source.reads_done(request_id) == readers_of_rank
-            assert source.foreign_notifications == []
+            assert source.notification_drops == {}
 
 
 def test_equal_tp_block_major_batch_is_one_descriptor_per_rank_and_moves_right():

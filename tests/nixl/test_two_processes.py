@@ -14,7 +14,7 @@ from ssm_split import GDNSpec, Mamba2Spec, TransferError, plan_all
 from ssm_split.errors import HandshakeError
 from ssm_split.nixl_backend import Endpoint, Reader  # noqa: E402
 
-from ._cluster import Case, first_difference  # noqa: E402
+from ._cluster import EMULATING, TCP, Case, first_difference  # noqa: E402
 from ._peer import SrcEngine  # noqa: E402
 
 pytestmark = pytest.mark.nixl
@@ -107,11 +107,10 @@ def test_a_dead_src_process_is_a_transfer_error_not_a_success():
 def test_a_src_that_never_answers_misses_the_deadline_and_the_reader_recovers():
     # over UCX's tcp transport a READ needs the src process to answer; a stopped process
     # never does (the default cma transport would read its memory without it)
-    tcp = {"engine_config": "TLS=tcp"}
     case = Case(Mamba2Spec(num_heads=16, head_dim=16, num_groups=1, state_size=16,
                            ssm_dtype="float32"), 1, 1)
-    with SrcEngine(case, ucx_params=tcp) as engine:
-        endpoint, reader, memory = dst_side(case, 0, ucx_params=tcp)
+    with SrcEngine(case, ucx_params=TCP) as engine:
+        endpoint, reader, memory = dst_side(case, 0, ucx_params=EMULATING)
         try:
             reader.connect_to(*engine.addresses[0])
             reader.warm_up()
