@@ -6,20 +6,12 @@
     reader.warm_up()                          # connects, and checks no handshake is stale
     stats = reader.read(pairs, request_ids)   # pairs: (N, 2) (src_block, dst_block)
 
-Each batch runs one strategy (`Reader(strategy=...)`, `_programs.py`): "direct" READs
-the plan's descriptors, one per src rank, over NIXL lists prepared once per peer
-(`prepare="once"`: `prepare_tables`, Nx5 strided lists; a batch only computes index
-arrays) or for that READ alone (`"per-batch"`: `expand_plan`, merged across segments,
-blocks and layers); "staged", "packed" and "peer" run transfer programs wave by wave
-(`_run.ProgramRun`). docs/backend.md compares them.
-
-Completion is polled against a deadline; any NIXL exception, an "ERR" state, a lost peer
-or a missed deadline raises `TransferError(request=..., peer=...)` and a failed batch is
-never reported as received (`_pending.PendingRead`). Once the bytes landed, and before a
-batch counts as received, `_guard.Guard` checks that no src rank re-registered since
-its handshake (`check_generation`, on by default) and, in integrity mode, every byte
-(docs/reliability.md); with any check on, the read-done notification goes to the src
-ranks only after the checks passed.
+Each batch runs one strategy (`Reader(strategy=...)`, `_programs.py`; docs/backend.md
+compares them). Completion is polled against a deadline; any failure raises
+`TransferError(request=..., peer=...)` and a failed batch is never reported as received
+(`_pending.PendingRead`). Before a batch counts as received, `_guard.Guard` checks that
+no src rank re-registered since its handshake (`check_generation`) and, in integrity
+mode, every byte; with a check on, the read-done notification goes out only after it.
 
 What outlives a reader belongs to its endpoint: the src agents it loaded (`_remotes.py`)
 and every batch that may still write into the dst pages (`_inflight.py`), whose blocks
@@ -36,13 +28,13 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..errors import HandshakeError, PlanError, TransferError
-from ..expand._expand import Expansion, RankedBatch, expand_plan
+from ..expand._expand import Expansion, expand_plan
 from ..plan._plan import Plan, plan_reads
-from ..expand._prepared import index_batch, prepare_tables
-from ..specs._spec import check_transferable
+from ..expand._prepared import index_batch
 from ..strategies._cost import CostModel
+from ._connect import admit
 from ._endpoint import Endpoint
-from ._handshake import Handshake, decode_handshake
+from ._handshake import Handshake
 from ._guard import Guard
 from ._lists import PeerLists, refresh_lists
 from ._memory import read_bytes
@@ -58,6 +50,8 @@ from ._ucx import explain_refused_read
 __all__ = ["Peer", "Reader", "PendingRead", "ReadStats", "PREPARE_MODES"]
 
 PREPARE_MODES = ("auto", "once", "per-batch")
+
+
 @dataclass(frozen=True, slots=True)
 class Peer:
     """A src rank the reader can read from: its handshake, its NIXL agent name, when found
@@ -143,31 +137,8 @@ class Reader:
             TransferError: NIXL refused the lists (regions outside the memory the src
                 registered); the rank is not connected then.
         """
-        hs = handshake if isinstance(handshake, Handshake) else decode_handshake(handshake)
-        if hs.generation % 2 == 0:
-            raise HandshakeError(f"src rank {hs.rank} ({hs.agent_name!r}) has deregistered its "
-                                 f"pages (generation {hs.generation} is even): nothing can be "
-                                 f"read from it until it registers them again.")
         own = self.endpoint
-        check_transferable(hs.spec, own.spec)
-        others = {p.handshake.tp for r, p in self.peers.items() if r != hs.rank}
-        if others and others != {hs.tp}:
-            raise HandshakeError(f"src rank {hs.rank} says tp={hs.tp}, but connected src ranks "
-                                 f"say tp={others.pop()}: one Reader reads from one src engine.")
-        plan = self._plan_for(hs)
-        tables = None
-        if self.prepare == "once" and hs.rank in plan.src_ranks:
-            tables = prepare_tables(plan, hs.rank, hs.regions, own.regions)
-        try:  # kept loaded by the endpoint: loading the same metadata again costs nothing
-            name = own.remotes.load(hs.agent_metadata, hs.agent_name)
-        except HandshakeError:
-            raise
-        except Exception as error:
-            raise HandshakeError(f"NIXL rejected the metadata of src rank {hs.rank} "
-                                 f"({hs.agent_name!r}): {type(error).__name__}: {error}") from error
-        if name != hs.agent_name:
-            raise HandshakeError(f"The handshake of src rank {hs.rank} names agent "
-                                 f"{hs.agent_name!r}, but its metadata belongs to {name!r}.")
+        hs, plan, tables, name = admit(own, self.peers, handshake, self._plan_for, self.prepare == "once")
         if hs.rank in self.peers:
             self.disconnect(hs.rank)
         own.remotes.acquire(name)
@@ -325,20 +296,6 @@ class Reader:
         regions = {r: self._peer(r).handshake.regions for r in plan.src_ranks}
         return expand_plan(plan, regions, self.endpoint.regions, block_pairs, layers=layers)
 
-    def _batch(self, block_pairs: object, layers: object, ids: tuple[str, ...]) -> tuple[RankedBatch, dict]:
-        """The batch as descriptors or indices, and what to post per src rank (`_post`)."""
-        if self.prepare == "per-batch":
-            expansion = self.expand(block_pairs, layers=layers)
-            return expansion, {r.src_rank: (r.dst_descs, r.src_descs)
-                               for r in expansion.ranks if r.num_descriptors}
-        plan = self.plan
-        for rank in plan.src_ranks:
-            self._peer(rank)
-        indexed = index_batch([self._lists[r].tables for r in plan.src_ranks], block_pairs, layers=layers)
-        posted = [r for r in indexed.ranks if r.dst_indices.size]
-        refresh_lists(self._lists, [r.src_rank for r in posted], self.endpoint, self.peers, label(ids))
-        return indexed, {r.src_rank: (self._lists[r.src_rank], r.dst_indices, r.src_indices) for r in posted}
-
     def start_read(self, block_pairs: object, request_ids: str | Sequence[str], *,
                    layers: object = None, timeout_s: float = 30.0, strategy: str | None = None) -> PendingRead:
         """Start moving a batch; returns without waiting (poll or wait the result).
@@ -398,7 +355,10 @@ class Reader:
     def _start_prepared(self, pairs: np.ndarray, layers: object, request_ids, ids: tuple[str, ...],
                         deadline: float) -> PendingRead:
         """The direct strategy on lists prepared once per peer: one READ per src rank."""
-        batch, posts = self._batch(pairs, layers, ids)
+        batch = index_batch([self._lists[r].tables for r in self.plan.src_ranks], pairs, layers=layers)
+        posted = [r for r in batch.ranks if r.dst_indices.size]
+        refresh_lists(self._lists, [r.src_rank for r in posted], self.endpoint, self.peers, label(ids))
+        posts = {r.src_rank: (self._lists[r.src_rank], r.dst_indices, r.src_indices) for r in posted}
         blocks, layer_set = set(pairs[:, 1].tolist()), set(batch.layers.tolist())
         self.endpoint.inflight.check_free(blocks, layer_set)
         counts = (batch.num_reads, batch.num_descriptors, batch.nbytes)

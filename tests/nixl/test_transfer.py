@@ -9,6 +9,7 @@ content) and every src rank to receive one notification per reader naming each r
 from __future__ import annotations
 
 import contextlib
+import time
 
 import numpy as np
 import pytest
@@ -45,7 +46,7 @@ PREPARE = ["once", "per-batch"]
 
 
 @contextlib.contextmanager
-def cluster(case: Case, prepare: str = "once", num_threads: int | None = None):
+def cluster(case: Case, prepare: str = "once", num_threads: int | None = None, strategy: str = "direct"):
     """Served src endpoints and connected dst readers (their endpoints with `num_threads`
     UCX worker threads; None: the default), closed afterwards."""
     stack = contextlib.ExitStack()
@@ -65,7 +66,7 @@ def cluster(case: Case, prepare: str = "once", num_threads: int | None = None):
                 regions=case.regions("dst", memory.ctypes.data), num_threads=num_threads))
             # DRAM: NIXL's default (0) unless told otherwise
             assert endpoint.num_threads == (0 if num_threads is None else num_threads)
-            reader = stack.enter_context(Reader(endpoint, strategy="direct", prepare=prepare))
+            reader = stack.enter_context(Reader(endpoint, strategy=strategy, prepare=prepare))
             for source in sources:
                 reader.connect_to(*source.address)
             readers.append(reader)
@@ -176,3 +177,31 @@ def test_warm_up_and_reads_with_ucx_worker_threads():
             reader.warm_up()
             reader.read(case.pairs_array, case.request_ids)
             assert np.array_equal(dst_memory[rank], case.expected_dst(rank))
+
+
+@pytest.mark.parametrize("strategy", ["staged", "packed"])
+def test_staged_and_packed_batches_land_and_notify(strategy):
+    # packed: the src packs each wave on a pack order sent over its side channel (op
+    # "pack", answers polled while READs run) and frees the lease (op "release")
+    case = CASES["2to3_non_divisible"]
+    with cluster(case, strategy=strategy) as (sources, readers, dst_memory):
+        for rank, reader in enumerate(readers):
+            stats = reader.read(case.pairs_array, case.request_ids)
+            assert stats.strategy == strategy
+            want = case.expected_dst(rank)
+            assert np.array_equal(dst_memory[rank], want), first_difference(dst_memory[rank], want)
+        plans = plan_all(case.spec, case.src_tp, case.dst_tp)
+        for src_rank, source in enumerate(sources):
+            readers_of_rank = sum(src_rank in plan.src_ranks for plan in plans)
+            source.wait_for_reads(case.request_ids[0], readers_of_rank, timeout_s=10)
+            assert source.notification_drops == {}
+            if strategy == "packed" and readers_of_rank:
+                assert source.pack.requests > 0 and _leases_released(source)
+
+
+def _leases_released(source, timeout_s: float = 5.0) -> bool:
+    """Releases are sent without waiting for their answer: give them a moment."""
+    deadline = time.monotonic() + timeout_s
+    while source.pack.area.num_leases and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return source.pack.area.num_leases == 0
