@@ -48,8 +48,8 @@ HEADER = struct.Struct(">QI")
 """ticket (uint64) and the client's timeout in milliseconds (uint32)."""
 TICKET = struct.Struct(">Q")
 OP_PATTERN = re.compile(rb"[a-z][a-z0-9_.-]{0,31}")
-MAX_BODY_NBYTES = 1 << 20
-"""Largest JSON body either side decodes."""
+MAX_BODY_NBYTES = 16 << 20
+"""Largest JSON body either side decodes (a pack order of 1M blocks is about 8 MB)."""
 MIN_SECRET_NBYTES = 16
 _CURVE_LABEL = b"ssm-split side channel curve v1"
 _NOTIFY_LABEL = b"ssm-split read-done notification v2"
