@@ -3,10 +3,12 @@
 The backend only executes: every address comes from `ssm_split.expand_plan`.
 
 - `Endpoint`: one engine rank's NIXL agent with its state memory registered; a src
-  endpoint `serve()`s its `Handshake` over a TCP side channel and collects read-done
-  notifications (`poll_notifications`, `wait_for_reads`).
+  endpoint `serve()`s its `Handshake` over the side channel and collects read-done
+  notifications (`poll_notifications`, `wait_for_reads`); a dst endpoint keeps what
+  outlives its readers (loaded src agents, READs not yet settled). `secret=` turns on
+  authentication (docs/reliability.md).
 - `Reader`: on a dst rank, loads src handshakes (`connect_to(host, port)`), checks them,
-  and reads batches of requests (`read`, `start_read`), one READ per src rank.
+  and reads batches of requests (`read`, `start_read`) with one of its strategies.
 - `Handshake`, `decode_handshake`, `spec_fingerprint`, `fetch_handshake_bytes`: the
   versioned handshake and its transport; these need no NIXL.
 - `SideChannelServer`, `SideChannelClient`, `Reply`, `RequestContext`: the side channel
