@@ -139,7 +139,7 @@ def run_gather(table: GatherTable, stream=None, *, block: int = _BLOCK, num_warp
 
     kernel = _kernel()
     ctx = torch.cuda.stream(stream) if stream is not None else _null()
-    with ctx:
+    with torch.cuda.device(table.anchor.device), ctx:
         kernel[(table.num_chunks,)](table.anchor, table.src_words, table.dst_words, table.len_words,
                                   BLOCK=block, ALIGN=table.align_words, num_warps=num_warps)
 
@@ -237,7 +237,7 @@ def run_paged(table: PagedTable, stream=None, *, block: int = _BLOCK, num_warps:
     import torch
 
     kernel = _paged_kernel()
-    with torch.cuda.stream(stream) if stream is not None else _null():
+    with torch.cuda.device(table.anchor.device), (torch.cuda.stream(stream) if stream is not None else _null()):
         kernel[(programs,)](table.anchor, table.tables, table.num_src_ranks, table.num_layers, table.num_requests,
                             table.num_pieces, BLOCK=block, ALIGN=table.align_words, num_warps=num_warps)
 
