@@ -239,7 +239,8 @@ def plot_records(records: Sequence[dict], path: str) -> bool:
     cases: dict = {}
     for r in records:
         if r["median_s"]:
-            case = f"{r['model']} {r['src_tp']}->{r['dst_tp']}, {r['layers']} layers, b{r['batch']}"
+            gpus = f"GPU {sorted(set(r['src_devices']))} -> GPU {sorted(set(r['dst_devices']))}"
+            case = f"{r['model']} {r['src_tp']}->{r['dst_tp']}, {r['layers']} layers, b{r['batch']}, {gpus}"
             cases.setdefault(case, []).append(r)
     fig, axes = plt.subplots(1, max(len(cases), 1), figsize=(6 * max(len(cases), 1), 4.5), squeeze=False)
     for ax, (case, rows) in zip(axes[0], cases.items()):
