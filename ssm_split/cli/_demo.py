@@ -23,6 +23,7 @@ starts; a rank process that fails reports one line (its traceback with -v).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import bisect
 import importlib.util
 from typing import Any
@@ -63,11 +64,44 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                              "block together, lets reads merge across layers)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu: DRAM pages (numpy); cuda: VRAM pages (torch), default cpu")
+    parser.add_argument("--strategy", choices=("auto", "direct", "staged", "packed", "peer"), default="auto",
+                        help="how the decode ranks read (Reader(strategy=...); docs/performance.md), "
+                             "default auto")
+    parser.add_argument("--src-devices", type=_gpu_list, default=None, metavar="GPU[,GPU...]",
+                        help="with --device cuda: GPUs of the prefill ranks, round robin (default GPU 0)")
+    parser.add_argument("--dst-devices", type=_gpu_list, default=None, metavar="GPU[,GPU...]",
+                        help="with --device cuda: GPUs of the decode ranks (default GPU 1 when there are "
+                             "two or more GPUs, else GPU 0)")
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of states and block ids (default 0)")
     parser.add_argument("--timeout", type=positive_seconds, default=120.0, metavar="SECONDS",
                         help="seconds each step may take before giving up (default 120)")
     add_json_option(parser, "demo")
+
+
+def _gpu_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated GPU numbers, got {text!r}") from None
+    if min(values) < 0:
+        raise argparse.ArgumentTypeError(f"GPU numbers are >= 0, got {text!r}")
+    return values
+
+
+def _devices(args: argparse.Namespace) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Each side's GPUs: as given, else src on GPU 0 and dst on GPU 1 when there are two."""
+    if args.device != "cuda":
+        return (0,), (0,)
+    import torch
+
+    count = torch.cuda.device_count()
+    src = args.src_devices or (0,)
+    dst = args.dst_devices or ((1,) if count >= 2 else (0,))
+    bad = sorted({d for d in src + dst if d >= count})
+    if bad:
+        raise SetupError(f"GPUs {bad} are not there: this machine has {count} (0..{count - 1}).")
+    return src, dst
 
 
 def _round_up(value: int, step: int) -> int:
@@ -113,7 +147,7 @@ def _config(args: argparse.Namespace) -> tuple[DemoConfig, Any]:
         pairs=tuple((int(s), int(d)) for s, d in pairs), num_blocks=num_blocks,
         src_page_nbytes=src_page, dst_page_nbytes=dst_page,
         order=args.order, device=args.device, seed=args.seed, batch=args.batch,
-        timeout_s=args.timeout)
+        timeout_s=args.timeout, strategy=args.strategy)
     return cfg, info
 
 
@@ -148,10 +182,13 @@ def _report(cfg: DemoConfig, info: Any, results: dict[int, dict], freed: dict[in
             "num_descriptors": r["descriptors"], "num_transfers": r["transfers"],
             "nbytes": r["nbytes"], "elapsed_s": r["elapsed_s"], "num_pages": v["pages"],
             "checked_nbytes": v["checked_nbytes"], "mismatched_nbytes": v["mismatched_nbytes"],
-            "first_mismatch": v.get("first_mismatch"), "verified": not v["mismatched_nbytes"]})
+            "first_mismatch": v.get("first_mismatch"), "verified": not v["mismatched_nbytes"],
+            "strategies": r["strategies"], "gpu": r["gpu"] if cfg.device == "cuda" else None})
     return {
         "model": model_json(info), "spec": spec_json(cfg.spec), "src_tp": cfg.src_tp,
-        "dst_tp": cfg.dst_tp, "device": cfg.device, "order": cfg.order,
+        "dst_tp": cfg.dst_tp, "device": cfg.device, "order": cfg.order, "strategy": cfg.strategy,
+        "src_devices": list(cfg.src_devices) if cfg.device == "cuda" else None,
+        "dst_devices": list(cfg.dst_devices) if cfg.device == "cuda" else None,
         "num_requests": len(cfg.pairs), "num_layers": cfg.num_layers,
         "num_blocks": cfg.num_blocks, "batch": cfg.batch, "seed": cfg.seed,
         "src_page_nbytes": cfg.src_page_nbytes, "dst_page_nbytes": cfg.dst_page_nbytes,
@@ -182,11 +219,11 @@ def _summary(report: dict) -> str:
         f"{format_bytes(report['dst_content_nbytes'])})",
         "",
     ]
-    rows = [[d["dst_rank"], ",".join(map(str, d["src_ranks"])), d["reads_per_page"],
+    rows = [[d["dst_rank"], ",".join(map(str, d["src_ranks"])), "+".join(d["strategies"]), d["reads_per_page"],
              d["num_reads"], d["num_descriptors"], d["num_transfers"], format_bytes(d["nbytes"]),
              f"{d['elapsed_s'] * 1e3:.1f}", f"{d['nbytes'] / d['elapsed_s'] / 1e9:.2f}",
              "ok" if d["verified"] else f"{d['mismatched_nbytes']} bad bytes"] for d in ranks]
-    lines.append(format_table(["dst rank", "src ranks", "reads/page", "reads", "descriptors",
+    lines.append(format_table(["dst rank", "src ranks", "strategy", "reads/page", "reads", "descriptors",
                                "READs", "bytes", "ms", "GB/s", "verified"], rows))
     lines += [
         "",
@@ -213,6 +250,10 @@ def _summary(report: dict) -> str:
 def _run(args: argparse.Namespace) -> int:
     cfg, info = _config(args)
     _check_machine(cfg.device)
+    if args.strategy == "peer" and cfg.device != "cuda":
+        raise SetupError("--strategy peer maps GPU memory between processes: use it with --device cuda.")
+    src_devices, dst_devices = _devices(args)
+    cfg = dataclasses.replace(cfg, src_devices=src_devices, dst_devices=dst_devices)
     children = Children(cfg.timeout_s, Progress(enabled=not args.json), args.verbose)
     try:
         for rank in range(cfg.src_tp):

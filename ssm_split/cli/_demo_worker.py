@@ -51,6 +51,14 @@ class DemoConfig:
     seed: int
     batch: int
     timeout_s: float
+    strategy: str = "auto"
+    src_devices: tuple[int, ...] = (0,)
+    dst_devices: tuple[int, ...] = (0,)
+
+    def gpu(self, role: str, rank: int) -> int:
+        """The GPU of a rank: its side's devices, round robin."""
+        devices = self.src_devices if role == "src" else self.dst_devices
+        return devices[rank % len(devices)]
 
     def state_seed(self, layer: int, request: int) -> int:
         return int(np.random.SeedSequence([self.seed, layer, request]).generate_state(1)[0])
@@ -91,17 +99,18 @@ def _pages(cfg: DemoConfig, tp: int, rank: int, page_nbytes: int, fill: int,
     return memory
 
 
-def _regions(cfg: DemoConfig, base_addr: int, page_nbytes: int) -> RegionSet:
+def _regions(cfg: DemoConfig, base_addr: int, page_nbytes: int, device_id: int = 0) -> RegionSet:
     return RegionSet.packed(base_addr, num_layers=cfg.num_layers, num_blocks=cfg.num_blocks,
-                            page_nbytes=page_nbytes, order=cfg.order)
+                            page_nbytes=page_nbytes, order=cfg.order, device_id=device_id)
 
 
-def _to_device(memory: np.ndarray, device: str) -> Any:
+def _to_device(memory: np.ndarray, device: str, gpu: int = 0) -> Any:
     if device == "cpu":
         return memory
     import torch
 
-    return torch.from_numpy(memory).to("cuda")
+    torch.cuda.set_device(gpu)
+    return torch.from_numpy(memory).to(f"cuda:{gpu}")
 
 
 def _addr(memory: Any) -> int:
@@ -159,8 +168,9 @@ def src_main(cfg: DemoConfig, rank: int, conn) -> None:
 
         pages = _pages(cfg, cfg.src_tp, rank, cfg.src_page_nbytes, SRC_FILL,
                        _reporter(conn, "src", rank, "filling pages"))
-        memory = _to_device(pages, cfg.device)
-        regions = _regions(cfg, _addr(memory), cfg.src_page_nbytes)
+        gpu = cfg.gpu("src", rank) if cfg.device == "cuda" else 0
+        memory = _to_device(pages, cfg.device, gpu)
+        regions = _regions(cfg, _addr(memory), cfg.src_page_nbytes, gpu)
         with Endpoint(cfg.spec, tp=cfg.src_tp, rank=rank, regions=regions, memory=[memory],
                       name=f"demo-prefill-{rank}-{os.getpid()}") as endpoint:
             conn.send(("ready", "src", rank, endpoint.serve("127.0.0.1", 0)))
@@ -202,12 +212,14 @@ def dst_main(cfg: DemoConfig, rank: int, conn) -> None:
         from ..nixl_backend._reader import Reader
 
         initial = np.full(cfg.num_layers * cfg.num_blocks * cfg.dst_page_nbytes, DST_FILL, np.uint8)
-        memory = _to_device(initial, cfg.device)
-        regions = _regions(cfg, _addr(memory), cfg.dst_page_nbytes)
+        gpu = cfg.gpu("dst", rank) if cfg.device == "cuda" else 0
+        memory = _to_device(initial, cfg.device, gpu)
+        regions = _regions(cfg, _addr(memory), cfg.dst_page_nbytes, gpu)
         expected = _pages(cfg, cfg.dst_tp, rank, cfg.dst_page_nbytes, DST_FILL,
                           _reporter(conn, "dst", rank, "expected pages"))
         with Endpoint(cfg.spec, tp=cfg.dst_tp, rank=rank, regions=regions, memory=[memory],
-                      name=f"demo-decode-{rank}-{os.getpid()}") as endpoint, Reader(endpoint) as reader:
+                      name=f"demo-decode-{rank}-{os.getpid()}") as endpoint, \
+                Reader(endpoint, strategy=cfg.strategy) as reader:
             addresses = conn.recv()  # [(host, port)] of every src rank, from the parent
             for host, port in addresses:
                 reader.connect_to(host, port, timeout_s=cfg.timeout_s)
@@ -219,7 +231,7 @@ def dst_main(cfg: DemoConfig, rank: int, conn) -> None:
             _expect(conn, "go")
             pairs = np.array(cfg.pairs, dtype=np.int64).reshape(-1, 2)
             batches = [range(i, min(i + cfg.batch, len(pairs))) for i in range(0, len(pairs), cfg.batch)]
-            totals = {"reads": 0, "descriptors": 0, "nbytes": 0, "transfers": 0}
+            totals = {"reads": 0, "descriptors": 0, "nbytes": 0, "transfers": 0, "strategies": [], "gpu": gpu}
             report = _reporter(conn, "dst", rank, "reading batches")
             started = time.perf_counter()
             for done, batch in enumerate(batches, 1):
@@ -229,6 +241,8 @@ def dst_main(cfg: DemoConfig, rank: int, conn) -> None:
                     import torch
 
                     torch.cuda.synchronize()
+                if stats.strategy not in totals["strategies"]:
+                    totals["strategies"].append(stats.strategy)
                 for key, value in (("reads", stats.num_reads), ("descriptors", stats.num_descriptors),
                                    ("nbytes", stats.nbytes), ("transfers", stats.num_transfers)):
                     totals[key] += value

@@ -30,3 +30,18 @@ def test_demo_rejects_a_tp_the_model_cannot_use(capsys):
 def test_demo_rejects_more_layers_than_the_model_has(capsys):
     assert main(["demo", "--model", "qwen3.5-0.8b", "--layers", "19"]) == 2
     assert "18 state layers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("strategy", ["auto", "direct", "staged", "packed"])
+def test_demo_runs_and_verifies_every_strategy_on_dram(strategy, capsys):
+    import json
+
+    argv = ["demo", "--model", "qwen3.5-0.8b", "--src-tp", "2", "--dst-tp", "1", "--requests", "6",
+            "--layers", "2", "--batch", "3", "--strategy", strategy, "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["strategy"] == strategy and report["verified"]
+    for rank in report["dst_ranks"]:
+        assert rank["verified"] and rank["mismatched_nbytes"] == 0
+        if strategy != "auto":
+            assert rank["strategies"] == [strategy]  # what ran is what was asked for
