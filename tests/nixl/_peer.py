@@ -102,11 +102,13 @@ def _answer(command, endpoints, memories, host_pages) -> tuple:
 
 
 def serve_src(case, conn, device: str = "cpu", fill: str = "reference", ucx_params=None,
-              secret: bytes | None = None, agent_prefix: str | None = None) -> None:
+              secret: bytes | None = None, agent_prefix: str | None = None,
+              pack_area_nbytes: int | None = None) -> None:
     """Serve every src rank of `case`. `device`: "cpu" (numpy DRAM) or "cuda" (VRAM
     tensors); `fill`: "reference" (`case.src_memory`) or "random"
     (`_cluster.random_src_memory`); `ucx_params` and `secret`: passed to every `Endpoint`;
-    `agent_prefix`: agent names `{agent_prefix}-r{rank}` (default: random names)."""
+    `agent_prefix`: agent names `{agent_prefix}-r{rank}` (default: random names);
+    `pack_area_nbytes`: each endpoint's pack area (default: the Endpoint's)."""
     os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
     if device != "cpu":
         os.environ.setdefault("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")
@@ -122,6 +124,8 @@ def serve_src(case, conn, device: str = "cpu", fill: str = "reference", ucx_para
         placed = [_on_device(host_pages(rank), device) for rank in range(case.src_tp)]
         memories = [memory for memory, _, _ in placed]
         options = {"secret": secret} if secret is not None else {}
+        if pack_area_nbytes is not None:
+            options["pack_area_nbytes"] = pack_area_nbytes
         endpoints = [Endpoint(case.spec, tp=case.src_tp, rank=r, memory=[m],
                               regions=case.regions("src", addr, device), ucx_params=ucx_params,
                               name=f"{agent_prefix}-r{r}" if agent_prefix else None, **options)
@@ -175,12 +179,12 @@ class SrcEngine:
 
     def __init__(self, case, device: str = "cpu", fill: str = "reference",
                  start_timeout_s: float = 120, ucx_params=None, secret: bytes | None = None,
-                 agent_prefix: str | None = None):
+                 agent_prefix: str | None = None, pack_area_nbytes: int | None = None):
         ctx = mp.get_context("spawn")
         self.ucx_params = ucx_params
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=serve_src, args=(case, child, device, fill, ucx_params, secret, agent_prefix),
-                                daemon=True)
+        self.proc = ctx.Process(target=serve_src, args=(case, child, device, fill, ucx_params, secret, agent_prefix,
+                                                         pack_area_nbytes), daemon=True)
         self.proc.start()
         child.close()
         addresses, self.names = self.ask(None, "ready", timeout_s=start_timeout_s)

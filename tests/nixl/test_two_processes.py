@@ -132,3 +132,73 @@ def test_a_src_that_never_answers_misses_the_deadline_and_the_reader_recovers():
         finally:
             reader.close()
             endpoint.close()
+
+
+@pytest.mark.parametrize("strategy", ["direct", "staged", "packed"])
+def test_every_strategy_from_another_process_in_many_waves(strategy):
+    # the src's pack area holds two waves of one request (its limit per wave is half the
+    # area), the reader's staging four; a cost model where descriptors are dear makes
+    # staged batches stage every group: packed and staged batches need several waves
+    from ssm_split.strategies import CostModel, pack_plan, stage_plan
+
+    case = dataclasses.replace(SRC, dst_tp=1)  # 2 -> 1: several reads per src rank and page
+    plans = plan_all(case.spec, case.src_tp, case.dst_tp)
+    dear = CostModel(desc_s=1.0, byte_s=1e-15, gather_byte_s=1e-15)
+    slot = max(max(pack_plan(p).slot_nbytes) for p in plans) * case.num_layers
+    staged_slot = max(stage_plan(p, model=dear).slot_nbytes for p in plans) * case.num_layers
+    assert staged_slot > 0
+    with SrcEngine(case, pack_area_nbytes=2 * slot) as engine:
+        sides = []
+        for rank in range(case.dst_tp):
+            memory = case.dst_memory()
+            endpoint = Endpoint(case.spec, tp=case.dst_tp, rank=rank, memory=[memory],
+                                regions=case.regions("dst", memory.ctypes.data))
+            reader = Reader(endpoint, strategy=strategy, staging_nbytes=max(4 * max(slot, staged_slot), 512),
+                            model=dear)
+            for address in engine.addresses:
+                reader.connect_to(*address)
+            sides.append((endpoint, reader, memory))
+        try:
+            for rank, (_, reader, memory) in enumerate(sides):
+                stats = reader.read(case.pairs_array, [f"{strategy}-{rank}-{i}" for i in range(len(case.pairs))])
+                assert stats.strategy == strategy
+                if strategy != "direct":
+                    assert stats.num_waves > 1
+                want = case.expected_dst(rank)
+                assert np.array_equal(memory, want), first_difference(memory, want)
+        finally:
+            for endpoint, reader, _ in sides:
+                reader.close()
+                endpoint.close()
+
+
+def test_a_src_that_refuses_to_pack_fails_the_batch_with_request_and_peer():
+    from ssm_split.errors import PlanError, StaleHandshakeError
+
+    case = dataclasses.replace(SRC, dst_tp=1)
+    with SrcEngine(case, pack_area_nbytes=0) as without:  # no pack area: packed is not offered
+        endpoint, _, _ = dst_side(case, 0)
+        reader = Reader(endpoint, strategy="packed")
+        try:
+            for address in without.addresses:
+                reader.connect_to(*address)
+            assert "no pack area" in reader.strategies()["packed"]
+            with pytest.raises(PlanError, match="cannot run on this reader: src ranks .* have no pack area"):
+                reader.read(case.pairs_array, "no-area")
+        finally:
+            reader.close()
+            endpoint.close()
+    with SrcEngine(case) as engine:  # the src re-registered since the handshake: it refuses
+        endpoint, _, memory = dst_side(case, 0)
+        reader = Reader(endpoint, strategy="packed")
+        try:
+            for address in engine.addresses:
+                reader.connect_to(*address)
+            engine.ask(("reregister", 0), "reregistered")
+            with pytest.raises(StaleHandshakeError, match="refused to pack") as info:
+                reader.read(case.pairs_array, "refused")
+            assert info.value.request == "refused" and info.value.peer == engine.names[0]
+            assert (memory == case.dst_memory()).all()  # nothing was scattered
+        finally:
+            reader.close()
+            endpoint.close()
