@@ -18,8 +18,11 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import statistics
-import time
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ssm_split.bench._common import copy_limit_s, split_rows, time_read_s  # noqa: E402
 
 UCX_KEYS = ("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "UCX_CUDA_IPC_MAX_STREAMS", "UCX_RNDV_FRAG_SIZE",
             "UCX_MAX_RNDV_RAILS", "UCX_CUDA_IPC_CACHE", "UCX_RNDV_THRESH", "UCX_TLS", "UCX_PROTO_ENABLE")
@@ -38,55 +41,11 @@ def _src(conn, device: int, nbytes: int) -> None:
     conn.recv()
 
 
-def _copy_gbps(src_device: int, dst_device: int, nbytes: int, repeats: int) -> float:
-    import torch
-
-    a = torch.empty(nbytes // 4, dtype=torch.int32, device=f"cuda:{src_device}")
-    b = torch.empty(nbytes // 4, dtype=torch.int32, device=f"cuda:{dst_device}")
-    times = []
-    for i in range(repeats + 2):
-        torch.cuda.synchronize(src_device)
-        torch.cuda.synchronize(dst_device)
-        t0 = time.perf_counter()
-        b.copy_(a)
-        torch.cuda.synchronize(dst_device)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    del a, b
-    torch.cuda.empty_cache()
-    return nbytes / statistics.median(times) / 1e9
-
-
 def _read_gbps(agent, remote: str, local_addr: int, remote_addr: int, nbytes: int, pieces: int,
                dst_device: int, src_device: int, repeats: int) -> float:
-    import numpy as np
-
-    step = nbytes // pieces
-    offsets = np.arange(pieces, dtype=np.uint64) * np.uint64(step)
-    local = np.stack([local_addr + offsets, np.full(pieces, step, np.uint64),
-                      np.full(pieces, dst_device, np.uint64)], axis=1)
-    far = np.stack([remote_addr + offsets, np.full(pieces, step, np.uint64),
-                    np.full(pieces, src_device, np.uint64)], axis=1)
-    lh = agent.prep_xfer_dlist("NIXL_INIT_AGENT", local, "VRAM")
-    rh = agent.prep_xfer_dlist(remote, far, "VRAM")
-    idx = np.arange(pieces, dtype=np.int32)
-    times = []
-    try:
-        for i in range(repeats + 2):
-            h = agent.make_prepped_xfer("READ", lh, idx, rh, idx, skip_desc_merge=True)
-            t0 = time.perf_counter()
-            state = agent.transfer(h)
-            while state != "DONE":
-                if state == "ERR":
-                    raise RuntimeError("READ failed")
-                state = agent.check_xfer_state(h)
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-            agent.release_xfer_handle(h)
-    finally:
-        agent.release_dlist_handle(lh)
-        agent.release_dlist_handle(rh)
-    return nbytes / statistics.median(times) / 1e9
+    local = split_rows(local_addr, nbytes, dst_device, pieces)
+    far = split_rows(remote_addr, nbytes, src_device, pieces)
+    return nbytes / time_read_s(agent, remote, local, far, "VRAM", repeats=repeats) / 1e9
 
 
 def _dst(conn, device: int, nbytes: int, metadata, remote_addr: int, src_device: int,
@@ -97,7 +56,7 @@ def _dst(conn, device: int, nbytes: int, metadata, remote_addr: int, src_device:
     buf = torch.zeros(nbytes // 4, dtype=torch.int32, device=f"cuda:{device}")
     from nixl._api import nixl_agent, nixl_agent_config
 
-    rows = [{"what": "torch copy_", "gbps": _copy_gbps(src_device, device, nbytes, repeats)}]
+    rows = [{"what": "torch copy_", "gbps": nbytes / copy_limit_s("cuda", src_device, device, nbytes, repeats) / 1e9}]
     checked = False
     for n, params in enumerate(configs):
         agent = nixl_agent(f"ceiling-dst-{os.getpid()}-{n}", nixl_agent_config(backends=[]))

@@ -144,3 +144,36 @@ def copy_limit_s(device: str, src_index: int, dst_index: int, nbytes: int, repea
 def per_layer_regions(addrs, num_blocks: int, page_nbytes: int, device_id: int) -> RegionSet:
     """One buffer per layer, as vLLM allocates its state."""
     return RegionSet.per_layer(list(addrs), num_blocks=num_blocks, page_nbytes=page_nbytes, device_id=device_id)
+
+
+def time_read_s(agent, remote: str, local_rows: np.ndarray, remote_rows: np.ndarray, mem_type: str, *,
+                repeats: int = 5, warmup: int = 2) -> float:
+    """Median seconds of one NIXL READ of `remote_rows` into `local_rows` (`(k, 3)` uint64
+    `(addr, nbytes, device)`) through a bare `agent`: the transport's own cost, nothing
+    of the library's. Descriptors are not merged (`skip_desc_merge`)."""
+    local = agent.prep_xfer_dlist("NIXL_INIT_AGENT", local_rows, mem_type)
+    far = agent.prep_xfer_dlist(remote, remote_rows, mem_type)
+    index = np.arange(local_rows.shape[0], dtype=np.int32)
+    times = []
+    try:
+        for i in range(warmup + repeats):
+            handle = agent.make_prepped_xfer("READ", local, index, far, index, skip_desc_merge=True)
+            started = time.perf_counter()
+            state = agent.transfer(handle)
+            while state != "DONE":
+                if state == "ERR":
+                    raise RuntimeError("a timed READ failed")
+                state = agent.check_xfer_state(handle)
+            if i >= warmup:
+                times.append(time.perf_counter() - started)
+            agent.release_xfer_handle(handle)
+    finally:
+        agent.release_dlist_handle(local)
+        agent.release_dlist_handle(far)
+    return float(np.median(times))
+
+
+def split_rows(addr: int, nbytes: int, device: int, parts: int) -> np.ndarray:
+    """`(parts, 3)` uint64 rows cutting `[addr, addr + nbytes)` into equal descriptors."""
+    step = nbytes // parts
+    return np.array([[addr + i * step, step, device] for i in range(parts)], dtype=np.uint64)

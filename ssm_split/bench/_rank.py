@@ -15,14 +15,14 @@ Commands (pipe, `(name, args)` in, `("ok", value)` or `("error", text)` out): sr
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 import traceback
 
 import numpy as np
 
-from ._common import Memory, copy_limit_s, page_keys, per_layer_regions, template_pages
+from ._common import (Memory, copy_limit_s, page_keys, per_layer_regions, split_rows, template_pages,
+                      time_read_s)
 
 SRC_PAD, DST_PAD = 0xA7, 0x5A
 _COPY_SAMPLE_NBYTES = 4 << 30
@@ -150,29 +150,9 @@ class _Dst:
     def _ceiling(self, metadata: bytes, addr: int, device: int, nbytes: int, splits=(1, 4)) -> dict:
         agent, buf = _bare_agent("bench-ceiling-dst", self.mem, nbytes)
         remote = agent.add_remote_agent(metadata)
-        out = {}
-        for parts in splits:
-            step = nbytes // parts
-            local = np.array([[self.mem.addr(buf) + i * step, step, self.mem.index] for i in range(parts)], np.uint64)
-            far = np.array([[addr + i * step, step, device] for i in range(parts)], np.uint64)
-            lh = agent.prep_xfer_dlist("NIXL_INIT_AGENT", local, self.mem.mem_type)
-            rh = agent.prep_xfer_dlist(remote, far, self.mem.mem_type)
-            index = np.arange(parts, dtype=np.int32)
-            times = []
-            for i in range(7):
-                handle = agent.make_prepped_xfer("READ", lh, index, rh, index)
-                t0 = time.perf_counter()
-                state = agent.transfer(handle)
-                while state != "DONE":
-                    if state == "ERR":
-                        raise RuntimeError("the ceiling READ failed")
-                    state = agent.check_xfer_state(handle)
-                if i >= 2:
-                    times.append(time.perf_counter() - t0)
-                agent.release_xfer_handle(handle)
-            agent.release_dlist_handle(lh)
-            agent.release_dlist_handle(rh)
-            out[parts] = statistics.median(times)
+        out = {parts: time_read_s(agent, remote, split_rows(self.mem.addr(buf), nbytes, self.mem.index, parts),
+                                  split_rows(addr, nbytes, device, parts), self.mem.mem_type)
+               for parts in splits}
         agent.remove_remote_agent(remote)
         return out
 

@@ -5,23 +5,17 @@ errors for bad arguments."""
 from __future__ import annotations
 
 import json
-import os
 import sys
-import warnings
 
 import pytest
 
 from ssm_split import Read, model, plan_reads
 
-try:
-    with warnings.catch_warnings():  # torch's own deprecations, at vLLM's import only
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import vllm  # noqa: F401
-        from vllm.distributed.kv_transfer.kv_connector.v1 import ssm_conv_transfer_utils  # noqa: F401
-except ImportError as error:  # pragma: no cover - depends on the machine
-    if os.environ.get("CI"):
-        raise RuntimeError("CI must import vLLM: run `make install-test`") from error
-    pytest.skip(f"vLLM cannot be imported ({error})", allow_module_level=True)
+from tests._vllm import importing_vllm
+
+with importing_vllm():
+    import vllm  # noqa: F401
+    from vllm.distributed.kv_transfer.kv_connector.v1 import ssm_conv_transfer_utils  # noqa: F401
 
 from ssm_split.cli._main import main  # noqa: E402
 from ssm_split.integrations import vllm as sv  # noqa: E402

@@ -4,24 +4,18 @@ that is a script) with real NIXL READs between processes, its output as the doc 
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import warnings
 from pathlib import Path
 
 import pytest
 
-try:
-    with warnings.catch_warnings():  # torch's own deprecations, at vLLM's import only
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import vllm  # noqa: F401
-        import vllm.model_executor.layers.mamba.mamba_utils  # noqa: F401
-        import vllm.v1.attention.backends.registry  # noqa: F401
-        import vllm.v1.kv_cache_interface  # noqa: F401
-except ImportError as error:  # pragma: no cover - depends on the machine
-    if os.environ.get("CI"):
-        raise RuntimeError("CI must import vLLM: run `make install-test`") from error
-    pytest.skip(f"vLLM cannot be imported ({error})", allow_module_level=True)
+from tests._vllm import importing_vllm
+
+with importing_vllm():
+    import vllm  # noqa: F401
+    import vllm.model_executor.layers.mamba.mamba_utils  # noqa: F401
+    import vllm.v1.attention.backends.registry  # noqa: F401
+    import vllm.v1.kv_cache_interface  # noqa: F401
 
 from ssm_split.integrations import vllm as sv  # noqa: E402
 

@@ -12,9 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import types
-import warnings
 
 import numpy as np
 import pytest
@@ -23,22 +21,18 @@ import ssm_split
 from ssm_split import GDNSpec, Mamba2Spec, PlanError, ShortConvSpec, SpecError
 from ssm_split.reference import random_state, shard
 
-try:
-    with warnings.catch_warnings():  # torch's own deprecations, at vLLM's import only
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import torch
-        import vllm  # noqa: F401
-        from vllm.distributed.kv_transfer.kv_connector.v1 import ssm_conv_transfer_utils as vllm_ssm
-        from vllm.model_executor.layers.mamba import mamba_utils as vllm_mamba
-        from vllm.model_executor.layers.mamba.abstract import MambaBase
-        from vllm.v1.core.kv_cache_planning import (
-            _get_kv_cache_groups_uniform_page_size, get_kv_cache_config_from_groups)
-        from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec, create_kv_cache_views
-        from vllm.v1.kv_cache_layout import KVCacheLayout
-except ImportError as error:  # pragma: no cover - depends on the machine
-    if os.environ.get("CI"):
-        raise RuntimeError("CI must import vLLM: run `make install-test`") from error
-    pytest.skip(f"vLLM cannot be imported ({error})", allow_module_level=True)
+from tests._vllm import importing_vllm
+
+with importing_vllm():
+    import torch
+    import vllm  # noqa: F401
+    from vllm.distributed.kv_transfer.kv_connector.v1 import ssm_conv_transfer_utils as vllm_ssm
+    from vllm.model_executor.layers.mamba import mamba_utils as vllm_mamba
+    from vllm.model_executor.layers.mamba.abstract import MambaBase
+    from vllm.v1.core.kv_cache_planning import (
+        _get_kv_cache_groups_uniform_page_size, get_kv_cache_config_from_groups)
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec, create_kv_cache_views
+    from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from ssm_split.integrations import vllm as sv  # noqa: E402
 from ssm_split.integrations._vllm_check import apply_reads  # noqa: E402

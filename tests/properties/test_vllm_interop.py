@@ -14,9 +14,7 @@ vLLM is an error, since the Makefile installs it.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import astuple
-import warnings
 
 import numpy as np
 import pytest
@@ -30,17 +28,13 @@ from ssm_split.reference import content_nbytes, iota_state, random_state, shard
 from tests import _vllm_restated as restated
 from tests.strategies import specs, transfer_cases
 
-try:
+from tests._vllm import importing_vllm
+
+with importing_vllm():
     # Importing vLLM runs torch.compile set-up, which warns about torch's own deprecated
     # APIs; those are not ours to fix, so they are ignored during the import only.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import vllm  # noqa: F401
-        from vllm.model_executor.layers.mamba import mamba_utils as vllm_mamba
-except ImportError as error:  # pragma: no cover - depends on the machine
-    if os.environ.get("CI"):
-        raise RuntimeError("CI must import vLLM: run `make install-test`") from error
-    pytest.skip(f"vLLM cannot be imported ({error})", allow_module_level=True)
+    import vllm  # noqa: F401
+    from vllm.model_executor.layers.mamba import mamba_utils as vllm_mamba
 
 from ssm_split.integrations import vllm as sv  # noqa: E402
 from ssm_split.integrations._vllm_check import apply_reads, check_rank  # noqa: E402
