@@ -377,17 +377,6 @@ class Reader:
         """`start_read(...).wait()`: read a batch and block until it is in place."""
         return self.start_read(block_pairs, request_ids, layers=layers, timeout_s=timeout_s).wait()
 
-    def submit(self, descriptors: Mapping[int, tuple[np.ndarray, np.ndarray]],
-               request_ids: str | Sequence[str], *, timeout_s: float = 30.0) -> PendingRead:
-        """Post arbitrary `{src_rank: (dst_descs, src_descs)}` `(M, 3)` uint64 arrays, one
-        READ per rank, with the usual notification; for strategies other than
-        `expand_plan` (benchmarks). Runs no check, and fences no dst block."""
-        ids = request_ids_of(request_ids, None)
-        total = sum(int(d[:, 1].sum()) for d, _ in descriptors.values())
-        n = sum(len(d) for d, _ in descriptors.values())
-        notes = self._guard.notes(descriptors, ids) or {}
-        return self._start(dict(descriptors), ids, timeout_s, notes, (n, n, total))
-
     def _start(self, posts: Mapping[int, tuple], ids: tuple[str, ...], timeout_s: float,
                notes: Mapping[int, bytes], counts: tuple[int, int, int], *, blocks=(), layers=(),
                token: object = None) -> PendingRead:
