@@ -373,9 +373,10 @@ class Reader:
         return pending
 
     def read(self, block_pairs: object, request_ids: str | Sequence[str], *,
-             layers: object = None, timeout_s: float = 30.0) -> ReadStats:
+             layers: object = None, timeout_s: float = 30.0, strategy: str | None = None) -> ReadStats:
         """`start_read(...).wait()`: read a batch and block until it is in place."""
-        return self.start_read(block_pairs, request_ids, layers=layers, timeout_s=timeout_s).wait()
+        return self.start_read(block_pairs, request_ids, layers=layers, timeout_s=timeout_s,
+                               strategy=strategy).wait()
 
     def _start(self, posts: Mapping[int, tuple], ids: tuple[str, ...], timeout_s: float,
                notes: Mapping[int, bytes], counts: tuple[int, int, int], *, blocks=(), layers=(),

@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("nixl")
 
 from ssm_split import GDNSpec, Mamba1Spec, Mamba2Spec, plan_all  # noqa: E402
+from ssm_split.errors import PlanError  # noqa: E402
 from ssm_split.nixl_backend import Endpoint, Reader  # noqa: E402
 
 from ._cluster import Case, first_difference  # noqa: E402
@@ -205,3 +206,19 @@ def _leases_released(source, timeout_s: float = 5.0) -> bool:
     while source.pack.area.num_leases and time.monotonic() < deadline:
         time.sleep(0.01)
     return source.pack.area.num_leases == 0
+
+
+def test_auto_on_host_memory_never_offers_peer_and_says_why():
+    # the peer strategy maps GPU memory; on DRAM the handshake publishes no CUDA IPC
+    # handle, `auto` picks among the NIXL strategies, and forcing peer is refused
+    case = CASES[sorted(CASES)[0]]
+    with cluster(case, strategy="auto") as (sources, readers, dst_memory):
+        assert all(not s.handshake().ipc_exports and s.ipc_unavailable for s in sources)
+        for rank, reader in enumerate(readers):
+            why = reader.strategies()
+            assert "publishes no CUDA IPC handles" in why["peer"] and why["direct"] is None
+            stats = reader.read(case.pairs_array, case.request_ids)
+            assert stats.strategy in ("direct", "staged", "packed")
+            assert np.array_equal(dst_memory[rank], case.expected_dst(rank))
+            with pytest.raises(PlanError, match="strategy 'peer' cannot run on this reader"):
+                reader.read(case.pairs_array, case.request_ids, strategy="peer")
