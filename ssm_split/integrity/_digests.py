@@ -38,21 +38,6 @@ from ..layout._regions import RegionSet
 from ..layout._layout import page_layout
 from ..plan._plan import Plan
 
-__all__ = [
-    "DIGEST_ALGORITHM",
-    "Piece",
-    "PageMemory",
-    "Corruption",
-    "digest_bytes",
-    "plan_pieces",
-    "pieces_from",
-    "digest_pages",
-    "src_digests",
-    "dst_digests",
-    "merge_src_digests",
-    "mismatches",
-    "locate",
-]
 
 DIGEST_ALGORITHM = "sha256/64"
 """Name of the digest, as both sides state it on the wire."""

@@ -110,6 +110,17 @@ def healthy_read(endpoint: Endpoint, src: SrcEngine):
     return r, r.start_read(HEALTHY.pairs_array, HEALTHY.request_ids, timeout_s=30)
 
 
+def start_big_read(ra: Reader, deadline_s: float):
+    """Start the victim's large batch and return `(pending, started)` while it is still in
+    flight; now and then UCX serves a whole emulated READ inside the post, then try again."""
+    for _ in range(10):
+        started = time.monotonic()
+        big = ra.start_read(REST, "big", timeout_s=deadline_s)
+        if not big.poll():
+            return big, started
+    pytest.fail("every READ finished inside its post: make the victim's batch larger")
+
+
 def test_src_killed_mid_transfer(healthy, dst):
     endpoint, memory = dst
     with SrcEngine(VICTIM, ucx_params=TCP) as victim:
@@ -117,11 +128,7 @@ def test_src_killed_mid_transfer(healthy, dst):
         ra.read(BEFORE, "before")
         rb, other = healthy_read(endpoint, healthy)  # posted first, checked after the kill
         deadline_s = 10.0
-        for _ in range(10):  # now and then UCX serves a whole emulated READ inside the post
-            started = time.monotonic()
-            big = ra.start_read(REST, "big", timeout_s=deadline_s)
-            if not big.poll():
-                break
+        big, started = start_big_read(ra, deadline_s)
         in_flight = not big.poll()
         victim.kill()
         assert in_flight, "the READ finished before the kill: make the batch larger"
@@ -285,11 +292,7 @@ def test_src_deregisters_while_a_read_is_in_flight(dst):
         ra = reader(endpoint, src)
         ra.read(BEFORE, "before")
         deadline_s = 10.0
-        for _ in range(10):  # now and then UCX serves a whole emulated READ inside the post
-            started = time.monotonic()
-            big = ra.start_read(REST, "big", timeout_s=deadline_s)
-            if not big.poll():
-                break
+        big, started = start_big_read(ra, deadline_s)
         in_flight = not big.poll()
         src.ask(("deregister", 0, 0xAB), "deregistered")
         assert in_flight, "the READ finished before the deregistration: make the batch larger"
