@@ -163,6 +163,30 @@ def test_a_src_that_changed_its_bytes_is_reported_without_a_byte_offset(setup):
     assert located and all(c.expected ^ c.received == 0x01 for c in located)
 
 
+@pytest.mark.parametrize("strategy", ["direct", "staged", "packed"])
+def test_integrity_mode_checks_every_strategy(setup, strategy):
+    """A flipped byte is caught whatever moved the batch (a READ per range, a superset READ
+    and a gather, a src-side pack and a scatter); the clean batch then lands exactly."""
+    _, _, reader, memory = setup
+    memory[:] = DST_FILL
+    layer, (_, dst_block) = 1, CASE.pairs[2]
+    offset = offset_of(layer, dst_block, LAYOUT.content_nbytes // 2)
+    reader.before_check = lambda pending: memory.__setitem__(offset, memory[offset] ^ 0x40)
+    try:
+        with pytest.raises(IntegrityError) as info:
+            reader.read(CASE.pairs_array, [f"{strategy}-bad-{i}" for i in range(len(CASE.pairs))],
+                        strategy=strategy)
+    finally:
+        reader.before_check = None
+    assert [(c.layer, c.dst_block, c.page_offset) for c in info.value.corruptions] == [
+        (layer, dst_block, LAYOUT.content_nbytes // 2)]
+    stats = reader.read(CASE.pairs_array, [f"{strategy}-ok-{i}" for i in range(len(CASE.pairs))],
+                        strategy=strategy)
+    assert stats.strategy == strategy
+    want = CASE.expected_dst(DST_RANK)
+    assert np.array_equal(memory, want), first_difference(memory, want)
+
+
 def shifted(source: Endpoint, case: Case):
     """`source`'s handshake with every page described 4 bytes later than it is (and the
     last block left out, so every described page stays in registered memory)."""
