@@ -18,8 +18,12 @@ def _segment_names(layout: PageLayout, offset: int, nbytes: int) -> str:
     names = list(dict.fromkeys(s.name for s in segs))
     text = "+".join(names)
     rows = sorted({s.row for s in segs if s.row is not None})
-    if rows:
-        text += f" (rows {rows[0]}..{rows[-1]})" if len(rows) > 1 else f" (row {rows[0]})"
+    if len(rows) == 1:
+        text += f" (row {rows[0]})"
+    elif rows and rows == list(range(rows[0], rows[-1] + 1)):
+        text += f" (rows [{rows[0]}, {rows[-1] + 1}))"  # half-open, like every range we print
+    elif rows:
+        text += f" (rows {', '.join(map(str, rows))})"
     return text
 
 

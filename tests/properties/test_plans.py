@@ -204,6 +204,15 @@ def test_plan_tables_show_every_read(case):
     assert f"{len(plan.reads)} read" in lines[-1] and f"{plan.nbytes} B" in lines[-1]
 
 
+def test_plan_tables_name_sd_rows_as_half_open_ranges():
+    # one src rank's page on 1 -> 1 is a single read spanning every SD row of the page
+    spec = Mamba2Spec(num_heads=4, head_dim=2, num_groups=1, state_size=2, conv_layout="SD")
+    whole = plan_reads(spec, 1, 1, 0).format_table()
+    assert f"(rows [0, {spec.conv_rows}))" in whole and ".." not in whole
+    split = plan_reads(spec, 1, 2, 0).format_table()  # one read per sub-projection and row
+    assert "(row 0)" in split and f"(row {spec.conv_rows - 1})" in split
+
+
 _FRESH_CASES = (PINNED[1], PINNED[5], PINNED[6])  # SD, replicated on src, non-divisible
 
 
