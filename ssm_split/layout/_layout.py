@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ..errors import ShardingError
-from ..specs._spec import Part, Spec, check_is_spec
+from ..specs._spec import Part, Spec
+from ..specs._stacked import PageSpec, check_is_page_spec
 
 __all__ = ["UnitRange", "Segment", "PageLayout", "rank_units", "page_layout", "sharded_shapes",
            "valid_tp_sizes"]
@@ -129,7 +130,7 @@ def valid_tp_sizes(spec: Spec) -> tuple[int, ...]:
 
     Example: Qwen3.5-4B (16 key heads, 32 value heads) gives `(1, 2, 4, 8, 16, 32)`.
     """
-    check_is_spec(spec)
+    check_is_page_spec(spec)
     fixed = [p.num_units for p in spec.parts if not p.replicable]
     bound = math.gcd(*fixed) if fixed else max(p.num_units for p in spec.parts)
     small = [d for d in range(1, math.isqrt(bound) + 1) if bound % d == 0]
@@ -177,13 +178,14 @@ def rank_units(spec: Spec, tp: int, rank: int) -> tuple[UnitRange, ...]:
         ShardingError: a part cannot be split into whole units on `tp` ranks, e.g.
             24 heads on 16 ranks.
     """
-    check_is_spec(spec)
+    check_is_page_spec(spec)
     _check_tp_rank(tp, rank)
     return tuple(_part_units(spec, part, tp, rank) for part in spec.parts)
 
 
-def page_layout(spec: Spec, tp: int, rank: int) -> PageLayout:
-    """The byte layout of rank `rank`'s page when `spec` is sharded on `tp` ranks.
+def page_layout(spec: PageSpec, tp: int, rank: int) -> PageLayout:
+    """The byte layout of rank `rank`'s page when `spec` is sharded on `tp` ranks
+    (`spec` a per-layer spec, or a `StackedSpec` for a page of several layers).
 
     Returns:
         A `PageLayout` whose segments tile the content region `[0, content_nbytes)`.
@@ -196,7 +198,7 @@ def page_layout(spec: Spec, tp: int, rank: int) -> PageLayout:
     `conv.x` is bytes [0, 1536), `conv.B` [1536, 2304), `conv.C` [2304, 3072), and the
     temporal state (4, 64, 128) follows at 3072.
     """
-    check_is_spec(spec)
+    check_is_page_spec(spec)
     _check_tp_rank(tp, rank)
     return _page_layout(spec, tp, rank)
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 from ..errors import HandshakeError
 from ..expand._prepared import RankTables, prepare_tables
 from ..plan._plan import Plan
-from ..specs._spec import check_transferable
+from ..specs._stacked import check_transferable
 from ._handshake import Handshake, decode_handshake
 
 __all__ = ["admit"]

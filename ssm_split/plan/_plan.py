@@ -30,7 +30,8 @@ from functools import lru_cache
 
 from ..errors import PlanError
 from ..layout._layout import PageLayout, _check_tp_rank, page_layout
-from ..specs._spec import Part, Spec, check_is_spec, check_transferable
+from ..specs._spec import Part, Spec
+from ..specs._stacked import PageSpec, check_is_page_spec, check_transferable
 from ._format import format_plan
 
 __all__ = ["Read", "Plan", "plan_reads", "plan_all"]
@@ -172,12 +173,13 @@ def _plan_reads(spec: Spec, src_tp: int, dst_tp: int, dst_rank: int) -> Plan:
                 src_layouts[0].content_nbytes, dst.content_nbytes)
 
 
-def plan_reads(spec: Spec, src_tp: int, dst_tp: int, dst_rank: int, *,
-               dst_spec: Spec | None = None) -> Plan:
+def plan_reads(spec: PageSpec, src_tp: int, dst_tp: int, dst_rank: int, *,
+               dst_spec: PageSpec | None = None) -> Plan:
     """The reads dst rank `dst_rank` of `dst_tp` makes from src pages sharded on `src_tp`.
 
     Args:
-        spec: the state spec of the src side (and of the dst side if `dst_spec` is None).
+        spec: the state spec of the src side (and of the dst side if `dst_spec` is None):
+            one layer's, or a `StackedSpec` for pages that hold several layers.
         src_tp: tensor-parallel size of the engine whose pages are read (prefill).
         dst_tp: tensor-parallel size of the reading engine (decode).
         dst_rank: the reading rank, in `[0, dst_tp)`.
@@ -195,7 +197,7 @@ def plan_reads(spec: Spec, src_tp: int, dst_tp: int, dst_rank: int, *,
     temporal), src TP1 -> dst TP2, dst rank 0 reads src `[0, 9216)` (its half of x) and
     `[18432, 806400)` (B, C and its half of the temporal heads): two reads.
     """
-    check_is_spec(spec)
+    check_is_page_spec(spec)
     if dst_spec is not None:
         check_transferable(spec, dst_spec)
     _check_tp_rank(src_tp, 0, "src_")

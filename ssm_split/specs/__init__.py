@@ -17,7 +17,9 @@ from ._spec import ShortConvSpec as ShortConvSpec
 from ._spec import LinearAttentionSpec as LinearAttentionSpec
 from ._spec import Part as Part
 from ._spec import DTYPE_NBYTES as DTYPE_NBYTES
-from ._spec import check_transferable as check_transferable
+from ._stacked import check_transferable as check_transferable
+from ._stacked import StackedSpec as StackedSpec
+from ._stacked import stack_layers as stack_layers
 from ._presets import ModelInfo as ModelInfo
 from ._presets import model as model
 from ._presets import models as models
@@ -36,6 +38,8 @@ __all__ = [
     "Part",
     "DTYPE_NBYTES",
     "check_transferable",
+    "StackedSpec",
+    "stack_layers",
     "ModelInfo",
     "model",
     "models",

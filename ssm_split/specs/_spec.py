@@ -31,7 +31,6 @@ __all__ = [
     "Spec",
     "SPEC_TYPES",
     "check_is_spec",
-    "check_transferable",
     "spec_fields",
 ]
 
@@ -367,38 +366,3 @@ def check_is_spec(value: object, argument: str = "spec") -> None:
 def spec_fields(spec: Spec) -> dict[str, object]:
     """The spec's constructor fields as a plain dict (for messages and serialisation)."""
     return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-
-
-def content_elems(spec: Spec) -> int:
-    """Elements in the full state (conv and temporal), for sanity checks."""
-    temporal = spec.full_temporal_shape
-    return spec.full_conv_channels * spec.conv_rows + (math.prod(temporal) if temporal else 0)
-
-
-def check_transferable(src_spec: Spec, dst_spec: Spec) -> None:
-    """Raise `SpecMismatchError` unless state of `src_spec` can be copied into `dst_spec`.
-
-    Both sides must describe the same family with equal dimensions, dtypes, conv layout
-    and conv rows (spec tokens); only the TP size and the page padding may differ.
-    """
-    check_is_spec(src_spec, "src_spec")
-    check_is_spec(dst_spec, "dst_spec")
-    if type(src_spec) is not type(dst_spec):
-        raise SpecMismatchError(
-            f"src is a {type(src_spec).__name__} but dst is a {type(dst_spec).__name__}: "
-            f"state moves only between layers of the same family. Check that both engines "
-            f"serve the same model and layer."
-        )
-    src_fields, dst_fields = spec_fields(src_spec), spec_fields(dst_spec)
-    diffs = [f"{k}: src={src_fields[k]!r}, dst={dst_fields[k]!r}"
-             for k in src_fields if src_fields[k] != dst_fields[k]]
-    if diffs:
-        hint = ""
-        if src_spec.conv_rows != dst_spec.conv_rows:
-            hint = (f" Conv rows differ (src {src_spec.conv_rows}, dst {dst_spec.conv_rows}): "
-                    f"run both engines with the same number of speculative tokens.")
-        raise SpecMismatchError(
-            f"src and dst {type(src_spec).__name__} differ in {'; '.join(diffs)}. "
-            f"Only the TP size and page padding may differ between the sides; configure "
-            f"both engines with the same model, dtypes and conv layout.{hint}"
-        )

@@ -15,6 +15,11 @@ rank needs the same few reads per block as per layer page (e.g. 4 for GDN 1 -> 2
 since every offset of a page layout is linear in the unit sizes, its layout and plans are
 the per-layer ones with every offset and length multiplied by `L`.
 
+`StackedSpec` itself is a page spec (`ssm_split.specs._stacked`): `page_layout`,
+`plan_reads`, `Endpoint` and the Reader take it directly. `stacked_layout` and
+`stacked_plan` here derive the same results by scaling the per-layer ones, and the
+property tests hold the two derivations equal.
+
 Kernels that view one layer use `layer_view` (offset, shape and strides per part): the
 view of layer `l` of a part is `(units_r, *unit)` with the unit stride multiplied by `L`.
 """
@@ -30,71 +35,11 @@ import numpy as np
 from ..errors import PlanError
 from ..layout._layout import PageLayout, Segment, page_layout
 from ..plan._plan import Plan, Read, plan_reads
-from ..specs._spec import Part, Spec, check_is_spec
+from ..specs._spec import Spec
+from ..specs._stacked import StackedSpec, stack_layers
 
 __all__ = ["StackedSpec", "stack_layers", "stacked_layout", "stacked_plan", "stack_pages",
            "unstack_page", "PartView", "layer_view"]
-
-
-@dataclass(frozen=True, slots=True)
-class StackedSpec:
-    """`num_layers` layers of `base`, stacked unit-major in one page (see module doc).
-
-    It offers the spec attributes the layout code reads (`parts`, `conv_parts`,
-    `temporal_part`, `temporal_tail`, `conv_rows`, dtypes, `conv_layout`), with every
-    unit size multiplied by `num_layers`.
-    """
-
-    base: Spec
-    num_layers: int
-
-    def __post_init__(self) -> None:
-        check_is_spec(self.base, "base")
-        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:
-            raise PlanError(f"StackedSpec.num_layers must be an int >= 1, got {self.num_layers!r}.")
-
-    @property
-    def family(self) -> str:
-        return self.base.family
-
-    @property
-    def conv_rows(self) -> int:
-        return self.base.conv_rows
-
-    @property
-    def conv_layout(self) -> str:
-        return getattr(self.base, "conv_layout", "DS")
-
-    @property
-    def conv_nbytes_per_elem(self) -> int:
-        return self.base.conv_nbytes_per_elem
-
-    @property
-    def ssm_nbytes_per_elem(self) -> int:
-        return self.base.ssm_nbytes_per_elem
-
-    @property
-    def conv_parts(self) -> tuple[Part, ...]:
-        return tuple(dataclasses.replace(p, unit_size=p.unit_size * self.num_layers) for p in self.base.conv_parts)
-
-    @property
-    def temporal_part(self) -> Part | None:
-        part = self.base.temporal_part
-        return None if part is None else dataclasses.replace(part, unit_size=part.unit_size * self.num_layers)
-
-    @property
-    def temporal_tail(self) -> tuple[int, ...]:
-        return (self.num_layers, *self.base.temporal_tail) if self.base.temporal_part is not None else ()
-
-    @property
-    def parts(self) -> tuple[Part, ...]:
-        tail = (self.temporal_part,) if self.temporal_part is not None else ()
-        return self.conv_parts + tail
-
-
-def stack_layers(spec: Spec, num_layers: int) -> StackedSpec:
-    """The stacked layout of `num_layers` layers of `spec` (see module doc)."""
-    return StackedSpec(spec, num_layers)
 
 
 def _scale_segment(seg: Segment, n: int) -> Segment:

@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ssm_split
-from ssm_split import plan_reads, reference
-from ssm_split.errors import PlanError
+from ssm_split import page_layout, plan_reads, reference
+from ssm_split.errors import PlanError, SpecError, SpecMismatchError
 from ssm_split.strategies._stacked import (
     layer_view,
     stack_layers,
@@ -74,6 +74,31 @@ def test_stacked_plan_moves_stacked_pages(case, num_layers, seed):
 
 
 @given(case=rank_cases(max_tp=6), num_layers=st.integers(1, 4), seed=seeds())
+def test_a_stacked_spec_is_a_page_spec_like_any_other(case, num_layers, seed):
+    """`page_layout` and `plan_reads` take a StackedSpec directly and agree with the
+    scaled derivations; the plan rebuilds the stacked page defined from the states."""
+    spec, src_tp, dst_tp, dst_rank = case
+    stacked = stack_layers(spec, num_layers)
+    assert page_layout(stacked, dst_tp, dst_rank) == stacked_layout(stacked, dst_tp, dst_rank)
+    plan = plan_reads(stacked, src_tp, dst_tp, dst_rank, dst_spec=stack_layers(spec, num_layers))
+    assert plan.reads == stacked_plan(stacked, src_tp, dst_tp, dst_rank).reads
+    states = [reference.random_state(spec, seed + layer) for layer in range(num_layers)]
+    src = [_stacked_page(spec, states, src_tp, r) for r in range(src_tp)]
+    want = _stacked_page(spec, states, dst_tp, dst_rank)
+    assert np.array_equal(reference.apply(plan, src, np.zeros_like(want)), want)
+
+
+def test_stacked_and_per_layer_pages_do_not_mix():
+    spec = ssm_split.model("qwen3.5-0.8b")
+    with pytest.raises(SpecMismatchError, match="stacked on both"):
+        plan_reads(stack_layers(spec, 2), 1, 2, 0, dst_spec=spec)
+    with pytest.raises(SpecMismatchError, match="num_layers: src=2, dst=3"):
+        plan_reads(stack_layers(spec, 2), 1, 2, 0, dst_spec=stack_layers(spec, 3))
+    with pytest.raises(SpecError, match="must be a state spec"):
+        stack_layers(stack_layers(spec, 2), 2)  # stacks do not nest
+
+
+@given(case=rank_cases(max_tp=6), num_layers=st.integers(1, 4), seed=seeds())
 def test_stack_and_unstack_pages(case, num_layers, seed):
     spec, _, tp, rank = case
     states = [reference.random_state(spec, seed + layer) for layer in range(num_layers)]
@@ -114,7 +139,7 @@ def test_stacked_gdn_counts():
 
 def test_bad_stacked_inputs():
     spec = ssm_split.model("qwen3.5-0.8b")
-    with pytest.raises(PlanError, match="num_layers"):
+    with pytest.raises(SpecError, match="num_layers"):
         stack_layers(spec, 0)
     with pytest.raises(PlanError, match="StackedSpec"):
         stacked_plan(spec, 1, 2, 0)
