@@ -11,7 +11,9 @@ as prefill and decode engines would; `one-gpu` puts every rank on GPU 0.
 
 Suites: `qwen` (Qwen3.5-27B, all 48 layers, batch 64, 1 -> 2 and 2 -> 1), `nemotron`
 (Nemotron-H-56B, all 54 layers, batch 64, 2 -> 4), `one-gpu` (Qwen3.5-27B 1 -> 2 with
-every rank on GPU 0), `quick` (Qwen3.5-0.8B, 4 layers, a smoke test).
+every rank on GPU 0), `stacked` (Qwen3.5-27B 1 -> 2 and 2 -> 1 on stacked pages: one region
+whose pages hold all 48 layers; vLLM's per-layer pattern is skipped there, compare with
+`qwen`), `quick` (Qwen3.5-0.8B, 4 layers, a smoke test).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ ALL = ("baseline", "auto", "direct", "staged", "packed", "peer")
 
 
 def _case(model: str, src_tp: int, dst_tp: int, *, layers=None, batch=64, blocks=None, devices=None,
-          strategies=ALL, area_mib=2048) -> BenchOptions:
+          strategies=ALL, area_mib=2048, pages="per-layer") -> BenchOptions:
     import torch
 
     info = preset_info(model)
@@ -39,13 +41,14 @@ def _case(model: str, src_tp: int, dst_tp: int, *, layers=None, batch=64, blocks
     return BenchOptions(model=info.name, spec=info.spec, layers=layers or info.num_state_layers, src_tp=src_tp,
                         dst_tp=dst_tp, batches=(batch,), num_blocks=blocks or 2 * batch, strategies=strategies,
                         device="cuda", src_devices=src, dst_devices=dst, repeats=5, warmup=2,
-                        staging_nbytes=area_mib << 20, pack_nbytes=area_mib << 20)
+                        staging_nbytes=area_mib << 20, pack_nbytes=area_mib << 20, pages=pages)
 
 
 SUITES = {
     "qwen": lambda: [_case("qwen3.5-27b", 1, 2), _case("qwen3.5-27b", 2, 1)],
     "nemotron": lambda: [_case("nemotron-h-56b", 2, 4, blocks=80, area_mib=1024)],
     "one-gpu": lambda: [_case("qwen3.5-27b", 1, 2, devices=((0,), (0,)))],
+    "stacked": lambda: [_case("qwen3.5-27b", 1, 2, pages="stacked"), _case("qwen3.5-27b", 2, 1, pages="stacked")],
     "quick": lambda: [_case("qwen3.5-0.8b", 1, 2, layers=4, batch=16)],
 }
 

@@ -20,6 +20,8 @@ import numpy as np
 
 from .. import reference
 from ..layout._regions import RegionSet
+from ..specs._stacked import StackedSpec
+from ..strategies._stacked import stack_pages
 
 POISON = 0x5A5A
 
@@ -32,7 +34,11 @@ def page_keys(num_layers: int, num_blocks: int) -> np.ndarray:
 
 
 def template_pages(spec, tp: int, seed: int) -> list[np.ndarray]:
-    """Per rank, the content bytes of one page."""
+    """Per rank, the content bytes of one page (of a stacked page: `stack_pages` of one
+    random state per layer)."""
+    if isinstance(spec, StackedSpec):
+        layers = [template_pages(spec.base, tp, seed + k) for k in range(spec.num_layers)]
+        return [stack_pages(spec, [pages[rank] for pages in layers], tp, rank) for rank in range(tp)]
     return reference.shard(spec, reference.random_state(spec, seed), tp)
 
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from ..errors import SetupError
 from ..layout._layout import page_layout
+from ..specs._stacked import stack_layers
 
 __all__ = ["BenchOptions", "run_bench", "format_records", "plot_records", "write_json", "STRATEGIES"]
 
@@ -60,6 +61,9 @@ class BenchOptions:
     staging_nbytes: int = 512 << 20
     pack_nbytes: int = 512 << 20
     seed: int = 0
+    pages: str = "per-layer"
+    """"per-layer" (vLLM's: one region per layer) or "stacked" (one region whose pages
+    hold every layer unit-major, `ssm_split.specs.StackedSpec`)."""
 
 
 def _align(n: int, to: int = 4096) -> int:
@@ -67,13 +71,16 @@ def _align(n: int, to: int = 4096) -> int:
 
 
 def _config(o: BenchOptions) -> dict:
-    dst_contents = [page_layout(o.spec, o.dst_tp, r).content_nbytes for r in range(o.dst_tp)]
-    per_request = sum(dst_contents) * o.layers
-    return dict(spec=o.spec, layers=o.layers, src_tp=o.src_tp, dst_tp=o.dst_tp, device=o.device, seed=o.seed,
-                num_blocks=o.num_blocks, src_page_nbytes=_align(page_layout(o.spec, o.src_tp, 0).content_nbytes),
+    """What every rank process needs; `layers` there counts regions (1 for stacked pages)."""
+    stacked = o.pages == "stacked"
+    spec, regions = (stack_layers(o.spec, o.layers), 1) if stacked else (o.spec, o.layers)
+    dst_contents = [page_layout(spec, o.dst_tp, r).content_nbytes for r in range(o.dst_tp)]
+    per_request = sum(dst_contents) * regions
+    return dict(spec=spec, layers=regions, src_tp=o.src_tp, dst_tp=o.dst_tp, device=o.device, seed=o.seed,
+                num_blocks=o.num_blocks, src_page_nbytes=_align(page_layout(spec, o.src_tp, 0).content_nbytes),
                 dst_page_nbytes=_align(max(dst_contents)), staging_nbytes=o.staging_nbytes,
                 pack_nbytes=o.pack_nbytes, per_request_nbytes=per_request,
-                ceiling_nbytes=min(_align(max(dst_contents) * o.layers * max(o.batches)), 2 << 30))
+                ceiling_nbytes=min(_align(max(dst_contents) * regions * max(o.batches)), 2 << 30))
 
 
 def _call(pipes, name: str, args_of) -> list:
@@ -166,7 +173,7 @@ def _record(o, versions, batch, strategy, prepared, samples, nbytes, copy_s, cei
     median = statistics.median(samples) if samples else None
     gbps = nbytes / median / 1e9 if median else None
     copy_gbps = nbytes / copy_s / 1e9
-    return dict(model=o.model, src_tp=o.src_tp, dst_tp=o.dst_tp, layers=o.layers, batch=batch, pages="per-layer",
+    return dict(model=o.model, src_tp=o.src_tp, dst_tp=o.dst_tp, layers=o.layers, batch=batch, pages=o.pages,
                 executor="Reader", strategy=strategy,
                 strategy_run=sorted({p["strategy_run"] for p in prepared}),
                 descriptors=sum(p["descriptors"] for p in prepared), waves=max(p["waves"] for p in prepared),
@@ -215,7 +222,8 @@ def format_records(records: Sequence[dict]) -> str:
     def pct(value):
         return f"{value:.0f}%" if value else "-"
 
-    rows = [[f"{r['model']} {r['src_tp']}->{r['dst_tp']} b{r['batch']}", r["strategy"],
+    rows = [[f"{r['model']} {r['src_tp']}->{r['dst_tp']} b{r['batch']}" + (" stacked" if r["pages"] == "stacked" else ""),
+             r["strategy"],
              "+".join(r["strategy_run"]), str(r["descriptors"]), f"{r['nbytes'] / 2**20:.0f} MiB",
              f"{r['median_s'] * 1e3:.2f}" if r["median_s"] else ("skipped" if r.get("skipped") else
                                                                  "FAILED" if not r["verified"] else "-"),
@@ -240,7 +248,8 @@ def plot_records(records: Sequence[dict], path: str) -> bool:
     for r in records:
         if r["median_s"]:
             gpus = f"GPU {sorted(set(r['src_devices']))} -> GPU {sorted(set(r['dst_devices']))}"
-            case = f"{r['model']} {r['src_tp']}->{r['dst_tp']}, {r['layers']} layers, b{r['batch']}, {gpus}"
+            pages = ", stacked" if r["pages"] == "stacked" else ""
+            case = f"{r['model']} {r['src_tp']}->{r['dst_tp']}, {r['layers']} layers{pages}, b{r['batch']}, {gpus}"
             cases.setdefault(case, []).append(r)
     fig, axes = plt.subplots(1, max(len(cases), 1), figsize=(6 * max(len(cases), 1), 4.5), squeeze=False)
     for ax, (case, rows) in zip(axes[0], cases.items()):

@@ -65,6 +65,9 @@ def _add_arguments(parser: Parser) -> None:
     parser.add_argument("--pack-mib", type=positive_int, default=512,
                         help="each src rank's pack area, MiB (default 512)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of pages and blocks (default 0)")
+    parser.add_argument("--pages", choices=("per-layer", "stacked"), default="per-layer",
+                        help="per-layer: one region per layer, as vLLM keeps them (default); stacked: one "
+                             "region whose pages hold every layer unit-major (vLLM's pattern is then skipped)")
     parser.add_argument("--out", default=None, metavar="PATH", help="append the records to this JSON file")
     parser.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of the times")
     add_json_option(parser, "bench")
@@ -105,7 +108,7 @@ def options_from(args: argparse.Namespace):
                               strategies=strategies, device=args.device, src_devices=src_devices,
                               dst_devices=dst_devices, repeats=args.repeats, warmup=args.warmup,
                               staging_nbytes=args.staging_mib << 20, pack_nbytes=args.pack_mib << 20,
-                              seed=args.seed)
+                              seed=args.seed, pages=args.pages)
 
 
 def _run(args: argparse.Namespace) -> int:

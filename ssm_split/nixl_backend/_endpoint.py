@@ -40,7 +40,7 @@ import numpy as np
 from ..errors import PlanError, TransferError
 from ..layout._regions import Buffer, RegionSet
 from ..layout._layout import page_layout
-from ..specs._spec import Spec, check_is_spec
+from ..specs._stacked import PageSpec, check_is_page_spec
 from ._handshake import Handshake
 from ._inflight import InFlight
 from ._integrity_src import integrity_handlers
@@ -66,7 +66,8 @@ class Endpoint:
     """A NIXL agent (UCX) with one rank's state memory registered.
 
     Args:
-        spec: the layer state this rank holds (every layer in `regions` has this spec).
+        spec: the state one page holds (every layer region in `regions` has it): one layer's
+            spec, or a `StackedSpec` when each page holds several layers (one region then).
         tp, rank: the engine's TP size and this rank.
         regions: where the pages are; every page must hold this rank's content.
         memory: `memory[i]` backs `regions.buffers[i]`: numpy arrays or torch tensors.
@@ -111,11 +112,11 @@ class Endpoint:
         ipc_unavailable: why peers cannot map this endpoint's pages, or None when they can.
     """
 
-    def __init__(self, spec: Spec, *, tp: int, rank: int, regions: RegionSet,
+    def __init__(self, spec: PageSpec, *, tp: int, rank: int, regions: RegionSet,
                  memory: Sequence[Any], name: str | None = None, num_threads: int | None = None,
                  progress_delay_us: int = 100, ucx_params: Mapping[str, str] | None = None,
                  secret: bytes | None = None, pack_area_nbytes: int | None = None, peer_access: bool = True):
-        check_is_spec(spec)
+        check_is_page_spec(spec)
         content_nbytes = page_layout(spec, tp, rank).content_nbytes
         if not isinstance(regions, RegionSet):
             raise PlanError(f"regions must be a RegionSet, got {type(regions).__name__}.")

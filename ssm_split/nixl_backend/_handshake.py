@@ -21,6 +21,9 @@ Wire format (UTF-8 JSON, at most `MAX_HANDSHAKE_NBYTES`)::
                                "pack": [area_addr, area_nbytes, device_id, max_wave_nbytes] | null,
                                "ipc": [["<128 hex digits>", offset, nbytes], ...] | null}}}
 
+A src whose pages are stacked (`StackedSpec`) adds `"stacked_layers": L` next to the base
+spec's `family` and `fields`; per-layer handshakes are unchanged.
+
 `capabilities` says which strategies the src serves besides plain READs: `pack` its pack
 area (the packed strategy), `ipc` one CUDA IPC handle per registered buffer (the peer
 strategy, for a reader on the same `host`).
@@ -42,7 +45,8 @@ from dataclasses import dataclass
 
 from ..errors import HandshakeError, SsmSplitError
 from ..layout._regions import Buffer, LayerRegion, RegionSet
-from ..specs._spec import SPEC_TYPES, Spec, check_is_spec, spec_fields
+from ..specs._spec import SPEC_TYPES, spec_fields
+from ..specs._stacked import PageSpec, StackedSpec, check_is_page_spec
 
 __all__ = [
     "HANDSHAKE_FORMAT",
@@ -74,14 +78,17 @@ def _canonical(value: object) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def _spec_json(spec: Spec) -> dict:
+def _spec_json(spec: PageSpec) -> dict:
+    """`{"family", "fields"}` of one layer's spec; a stacked page adds `"stacked_layers"`."""
+    if isinstance(spec, StackedSpec):
+        return {**_spec_json(spec.base), "stacked_layers": spec.num_layers}
     return {"family": spec.family, "fields": spec_fields(spec)}
 
 
-def spec_fingerprint(spec: Spec) -> str:
+def spec_fingerprint(spec: PageSpec) -> str:
     """Hex SHA-256 of the spec's canonical JSON: equal for equal specs, whatever process
-    or host computes it."""
-    check_is_spec(spec)
+    or host computes it (a stacked page's differs from its base spec's)."""
+    check_is_page_spec(spec)
     return hashlib.sha256(_canonical(_spec_json(spec))).hexdigest()
 
 
@@ -107,7 +114,7 @@ class Handshake:
             nbytes)`; empty when the src's pages cannot be mapped by peers.
     """
 
-    spec: Spec
+    spec: PageSpec
     tp: int
     rank: int
     agent_name: str
@@ -123,7 +130,7 @@ class Handshake:
 
     def __post_init__(self) -> None:
         try:
-            check_is_spec(self.spec)
+            check_is_page_spec(self.spec)
         except SsmSplitError as error:
             raise HandshakeError(str(error)) from None
         _check_int("tp", self.tp, 1)
@@ -239,8 +246,9 @@ def _int_rows(value: object, name: str, width: int) -> list[list[int]]:
     return value
 
 
-def _decode_spec(value: object) -> Spec:
-    spec = _dict(value, "spec", frozenset({"family", "fields"}))
+def _decode_spec(value: object) -> PageSpec:
+    stacked = isinstance(value, dict) and "stacked_layers" in value
+    spec = _dict(value, "spec", frozenset({"family", "fields", *(("stacked_layers",) if stacked else ())}))
     cls = _FAMILIES.get(spec["family"]) if isinstance(spec["family"], str) else None
     if cls is None:
         raise HandshakeError(f"Handshake spec family {spec['family']!r} is unknown; this "
@@ -251,7 +259,8 @@ def _decode_spec(value: object) -> Spec:
         if isinstance(item, (bool, float)) or not isinstance(item, (int, str)):
             raise HandshakeError(f"Handshake spec field `{key}` must be an int or str, got {item!r}.")
     try:
-        return cls(**fields)
+        base = cls(**fields)
+        return StackedSpec(base, spec["stacked_layers"]) if stacked else base
     except SsmSplitError as error:
         raise HandshakeError(f"Handshake spec is invalid: {error}") from None
 

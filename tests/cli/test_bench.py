@@ -36,3 +36,24 @@ def test_bench_runs_every_strategy_through_the_reader_and_verifies_it(tmp_path):
     assert records["packed"]["waves"] > 1  # 8 MiB of staging for 13 MB: several waves
     assert records["baseline"]["speedup_vs_baseline"] == pytest.approx(1.0)
     assert json.loads(out.read_text()) == document["records"]
+
+
+def test_bench_on_stacked_pages_moves_every_layer_with_one_page_s_reads(tmp_path):
+    """`--pages stacked`: one region whose pages hold every layer; each strategy is
+    verified, vLLM's per-layer pattern is skipped with the reason, and the direct strategy
+    needs a layer's worth of descriptors where per-layer pages need one set per layer."""
+    common = ["--device", "cpu", "--model", "qwen3.5-0.8b", "--layers", "3", "--batch", "4", "--src-tp", "1",
+              "--dst-tp", "2", "--repeats", "1", "--warmup", "0", "--staging-mib", "8", "--pack-mib", "8",
+              "--json", "--strategies", "baseline,direct,staged,packed"]
+    runs = {}
+    for pages in ("stacked", "per-layer"):
+        done = subprocess.run([sys.executable, "-m", "ssm_split", "bench", *common, "--pages", pages],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[pages] = {r["strategy"]: r for r in json.loads(done.stdout)["records"]}
+    stacked, per_layer = runs["stacked"], runs["per-layer"]
+    assert "no stacked form" in stacked["baseline"]["skipped"]
+    for name in ("direct", "staged", "packed"):
+        assert stacked[name]["verified"] and stacked[name]["pages"] == "stacked", name
+        assert stacked[name]["nbytes"] == per_layer[name]["nbytes"]  # the same state moved
+    assert stacked["direct"]["descriptors"] * 3 == per_layer["direct"]["descriptors"]

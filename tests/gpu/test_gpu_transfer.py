@@ -9,7 +9,8 @@ Skipped cleanly without torch, without a CUDA device, or without nixl. On a GPU 
 channel; the dst ranks run in the test process.
 
 - `test_vram_transfer_matches_the_reference`: small specs, pages from
-  `reference.shard`, several TP pairs (replication, SD layout, P > D, D > P).
+  `reference.shard`, several TP pairs (replication, SD layout, P > D, D > P, and pages
+  that stack several layers).
 - `test_vram_throughput`: real models, 64 requests with scattered block ids, random page
   bytes; checked against the plan's reads applied one by one, then timed (median of 5
   batches, all dst ranks at once) next to a `torch` copy of the same bytes. Results are
@@ -47,6 +48,7 @@ pytest.importorskip("nixl")
 
 from ssm_split import GDNSpec, Mamba2Spec, model, plan_all  # noqa: E402
 from ssm_split.nixl_backend import Endpoint, Reader  # noqa: E402
+from ssm_split.specs import stack_layers  # noqa: E402
 from tests.nixl._cluster import Case, expected_by_reads, random_src_memory  # noqa: E402
 from tests.nixl._peer import SrcEngine  # noqa: E402
 
@@ -120,6 +122,9 @@ CASES = {
                      dst_order="block"),
     "2to4_mamba2_sd": Case(Mamba2Spec(num_heads=8, head_dim=8, num_groups=2, state_size=8,
                                       conv_layout="SD"), 2, 4),
+    # one page holds 6 layers unit-major (`StackedSpec`); the one group replicated on the dst
+    "1to2_mamba2_stacked": Case(stack_layers(Mamba2Spec(num_heads=8, head_dim=16, num_groups=1, state_size=16),
+                                             6), 1, 2, num_layers=1),
 }
 
 

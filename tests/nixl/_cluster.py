@@ -7,6 +7,9 @@ shard of every batch page and `SRC_FILL` elsewhere; a dst rank's memory starts a
 `DST_FILL`, and after the transfer must equal `expected_dst`: the reference shard of
 every batch page, `DST_FILL` everywhere else (padding and other blocks untouched).
 
+With a `StackedSpec` a page holds `spec.num_layers` layers of `spec.base`: each gets its
+own state, and the page is `stack_pages` of their reference shards.
+
 Used by tests in this folder and by `tests/gpu/` (with torch tensors for memory).
 """
 
@@ -18,6 +21,8 @@ import numpy as np
 
 from ssm_split import RegionSet, page_layout, plan_reads
 from ssm_split.reference import random_state, shard
+from ssm_split.specs import StackedSpec
+from ssm_split.strategies import stack_pages
 
 SRC_FILL, DST_FILL = 0x5A, 0xEE
 
@@ -52,12 +57,26 @@ class Case:
     def request_ids(self) -> list[str]:
         return [f"req-{i}" for i in range(len(self.pairs))]
 
-    def state(self, layer: int, request: int) -> dict:
-        key = (layer, request)
+    def state(self, layer: int, request: int, stacked_layer: int = 0) -> dict:
+        """The full state of `request` in `layer` (of `stacked_layer` in a stacked page)."""
+        key = (layer, request, stacked_layer)
         if key not in self._states:
-            seed = int(np.random.SeedSequence([self.seed, layer, request]).generate_state(1)[0])
-            self._states[key] = random_state(self.spec, seed)
+            entropy = [self.seed, layer, request] + ([stacked_layer] if stacked_layer else [])
+            seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+            base = self.spec.base if isinstance(self.spec, StackedSpec) else self.spec
+            self._states[key] = random_state(base, seed)
         return self._states[key]
+
+    def page(self, layer: int, request: int, tp: int, rank: int, page_nbytes: int, fill: int) -> np.ndarray:
+        """Rank `rank`'s page of `request` in `layer`, padded with `fill`."""
+        if not isinstance(self.spec, StackedSpec):
+            return shard(self.spec, self.state(layer, request), tp, page_nbytes=page_nbytes, pad_byte=fill)[rank]
+        layers = [shard(self.spec.base, self.state(layer, request, k), tp)[rank]
+                  for k in range(self.spec.num_layers)]
+        page = np.full(page_nbytes, fill, dtype=np.uint8)
+        content = stack_pages(self.spec, layers, tp, rank)
+        page[:len(content)] = content
+        return page
 
     def page_nbytes(self, side: str) -> int:
         tp = self.src_tp if side == "src" else self.dst_tp
@@ -80,8 +99,7 @@ class Case:
         column = 0 if side == "src" else 1
         for layer in range(self.num_layers):
             for request, pair in enumerate(self.pairs):
-                page = shard(self.spec, self.state(layer, request), tp, page_nbytes=page_nbytes,
-                             pad_byte=fill)[rank]
+                page = self.page(layer, request, tp, rank, page_nbytes, fill)
                 start = layout.page_addr(layer, pair[column])
                 memory[start: start + page_nbytes] = page
         return memory

@@ -14,6 +14,7 @@ import pytest
 
 from ssm_split import Buffer, GDNSpec, Mamba2Spec, RegionSet, TransferError
 from ssm_split.errors import HandshakeError
+from ssm_split.specs import stack_layers
 from ssm_split.nixl_backend import HANDSHAKE_VERSION, Handshake, decode_handshake, spec_fingerprint
 from ssm_split.nixl_backend._handshake import MAX_HANDSHAKE_NBYTES, _canonical
 from ssm_split.nixl_backend._sidechannel import SideChannelServer
@@ -46,6 +47,22 @@ def test_round_trip_keeps_every_field():
     back = decode_handshake(hs.encode())
     assert back == hs and back.fingerprint == spec_fingerprint(hs.spec)
     assert json.loads(hs.encode())["version"] == HANDSHAKE_VERSION
+
+
+def test_a_stacked_page_spec_round_trips_and_has_its_own_fingerprint():
+    stacked = stack_layers(SPEC, 6)
+    hs = make_handshake(spec=stacked, regions=RegionSet.packed(0x7F0000001000, num_layers=1, num_blocks=5,
+                                                               page_nbytes=6 * 640))
+    body = json.loads(hs.encode())["body"]
+    assert body["spec"]["stacked_layers"] == 6 and body["spec"]["family"] == "mamba2"
+    back = decode_handshake(hs.encode())
+    assert back == hs and back.spec == stacked
+    assert len({spec_fingerprint(stacked), spec_fingerprint(SPEC), spec_fingerprint(stack_layers(SPEC, 5))}) == 3
+    assert "stacked_layers" not in json.loads(make_handshake().encode())["body"]["spec"]  # per layer: unchanged
+    for bad, match in ((0, "num_layers must be an int >= 1"), (True, "num_layers must be an int"),
+                       ("6", "num_layers must be an int")):
+        with pytest.raises(HandshakeError, match=match):
+            decode_handshake(reencode(hs.encode(), _set(["body", "spec", "stacked_layers"], bad)))
 
 
 def test_fingerprint_changes_with_any_spec_field():

@@ -17,7 +17,8 @@ import pytest
 pytest.importorskip("nixl")
 
 from ssm_split import GDNSpec, Mamba1Spec, Mamba2Spec, plan_all  # noqa: E402
-from ssm_split.errors import PlanError  # noqa: E402
+from ssm_split.specs import stack_layers  # noqa: E402
+from ssm_split.errors import PlanError, SpecMismatchError  # noqa: E402
 from ssm_split.nixl_backend import Endpoint, Reader  # noqa: E402
 
 from ._cluster import Case, first_difference  # noqa: E402
@@ -198,6 +199,49 @@ def test_staged_and_packed_batches_land_and_notify(strategy):
             assert source.notification_drops == {}
             if strategy == "packed" and readers_of_rank:
                 assert source.pack.requests > 0 and _leases_released(source)
+
+
+STACKED_CASES = {
+    # every page holds 5 layers unit-major; the one group replicated on the dst side
+    "1to2_stacked": Case(stack_layers(MAMBA2_ONE_GROUP, 5), 1, 2, num_layers=1),
+    # GDN 4 -> 2 (key heads replicated on the src side), SD conv rows, two regions of 3 layers
+    "4to2_gdn_stacked": Case(stack_layers(GDNSpec(num_k_heads=2, num_v_heads=4, head_k_dim=4, head_v_dim=2,
+                                                  conv_layout="SD"), 3), 4, 2, num_layers=2),
+}
+
+
+@pytest.mark.parametrize("strategy", ["direct", "staged", "packed"])
+@pytest.mark.parametrize("name", sorted(STACKED_CASES))
+def test_stacked_pages_move_with_every_strategy(name, strategy):
+    """Endpoints and readers take a StackedSpec like any spec: one region's page holds
+    several layers unit-major, and each strategy rebuilds the dst's stacked pages exactly
+    with as many pieces per page as one layer needs."""
+    case = STACKED_CASES[name]
+    with cluster(case, strategy=strategy) as (sources, readers, dst_memory):
+        for rank, reader in enumerate(readers):
+            stats = reader.read(case.pairs_array, case.request_ids)
+            assert stats.strategy == strategy
+            want = case.expected_dst(rank)
+            assert np.array_equal(dst_memory[rank], want), first_difference(dst_memory[rank], want)
+            plan = reader.plan
+            assert plan.spec == case.spec
+            base_plan = plan_all(case.spec.base, case.src_tp, case.dst_tp)[rank]
+            assert len(plan.reads) == len(base_plan.reads)
+            assert plan.nbytes == case.spec.num_layers * base_plan.nbytes
+
+
+def test_stacked_and_per_layer_engines_refuse_each_other():
+    stacked = STACKED_CASES["1to2_stacked"]
+    per_layer = Case(MAMBA2_ONE_GROUP, 1, 2, num_layers=5)
+    memory = stacked.src_memory(0)
+    with Endpoint(stacked.spec, tp=1, rank=0, memory=[memory], regions=stacked.regions("src", memory.ctypes.data)) as src:
+        src.serve("127.0.0.1", 0)
+        dst_memory = per_layer.dst_memory()
+        with Endpoint(per_layer.spec, tp=2, rank=0, memory=[dst_memory],
+                      regions=per_layer.regions("dst", dst_memory.ctypes.data)) as dst, Reader(dst) as reader:
+            with pytest.raises(SpecMismatchError, match="stacked on both"):
+                reader.connect_to(*src.address)
+        assert (dst_memory == per_layer.dst_memory()).all()
 
 
 def _leases_released(source, timeout_s: float = 5.0) -> bool:
