@@ -29,6 +29,7 @@ pytest.importorskip("nixl")
 
 from ssm_split import Buffer, LayerRegion, Mamba2Spec, RegionSet, page_layout, plan_reads
 from ssm_split.errors import IntegrityError, StaleHandshakeError
+from ssm_split.specs import stack_layers
 from ssm_split.nixl_backend import Endpoint, Reader, fetch_handshake_bytes  # noqa: E402
 from ssm_split.integrity._digests import plan_pieces  # noqa: E402
 from ssm_split.nixl_backend._handshake import spec_fingerprint  # noqa: E402
@@ -185,6 +186,26 @@ def test_integrity_mode_checks_every_strategy(setup, strategy):
     assert stats.strategy == strategy
     want = CASE.expected_dst(DST_RANK)
     assert np.array_equal(memory, want), first_difference(memory, want)
+
+
+def test_integrity_mode_checks_stacked_pages():
+    """Pages that hold three layers each: the digests follow the stacked page's segments."""
+    case = Case(stack_layers(CASE.spec, 3), CASE.src_tp, CASE.dst_tp, num_layers=1)
+    layout = page_layout(case.spec, case.dst_tp, DST_RANK)
+    with cluster(case, DST_RANK) as (sources, _, endpoint, memory), Reader(endpoint, integrity=True) as reader:
+        for source in sources:
+            reader.connect_to(*source.address)
+        offset = layout.content_nbytes - 5  # in the temporal state of the last layer
+        at = case.regions("dst", 0).page_addr(0, case.pairs[1][1]) + offset
+        reader.before_check = lambda pending: memory.__setitem__(at, memory[at] ^ 0x01)
+        with pytest.raises(IntegrityError) as info:
+            reader.read(case.pairs_array, [f"bad-{i}" for i in range(len(case.pairs))])
+        reader.before_check = None
+        assert [(c.request, c.page_offset, c.segment) for c in info.value.corruptions] == [
+            ("bad-1", offset, "temporal")]
+        reader.read(case.pairs_array, case.request_ids)
+        want = case.expected_dst(DST_RANK)
+        assert np.array_equal(memory, want), first_difference(memory, want)
 
 
 def shifted(source: Endpoint, case: Case):
