@@ -181,17 +181,22 @@ def test_warm_up_and_reads_with_ucx_worker_threads():
             assert np.array_equal(dst_memory[rank], case.expected_dst(rank))
 
 
+def read_and_check(case: Case, readers, dst_memory, strategy: str) -> None:
+    """Every reader reads the whole batch with `strategy`; its memory equals the reference."""
+    for rank, reader in enumerate(readers):
+        stats = reader.read(case.pairs_array, case.request_ids)
+        assert stats.strategy == strategy
+        want = case.expected_dst(rank)
+        assert np.array_equal(dst_memory[rank], want), first_difference(dst_memory[rank], want)
+
+
 @pytest.mark.parametrize("strategy", ["staged", "packed"])
 def test_staged_and_packed_batches_land_and_notify(strategy):
     # packed: the src packs each wave on a pack order sent over its side channel (op
     # "pack", answers polled while READs run) and frees the lease (op "release")
     case = CASES["2to3_non_divisible"]
     with cluster(case, strategy=strategy) as (sources, readers, dst_memory):
-        for rank, reader in enumerate(readers):
-            stats = reader.read(case.pairs_array, case.request_ids)
-            assert stats.strategy == strategy
-            want = case.expected_dst(rank)
-            assert np.array_equal(dst_memory[rank], want), first_difference(dst_memory[rank], want)
+        read_and_check(case, readers, dst_memory, strategy)
         plans = plan_all(case.spec, case.src_tp, case.dst_tp)
         for src_rank, source in enumerate(sources):
             readers_of_rank = sum(src_rank in plan.src_ranks for plan in plans)
@@ -218,16 +223,11 @@ def test_stacked_pages_move_with_every_strategy(name, strategy):
     with as many pieces per page as one layer needs."""
     case = STACKED_CASES[name]
     with cluster(case, strategy=strategy) as (sources, readers, dst_memory):
+        read_and_check(case, readers, dst_memory, strategy)
         for rank, reader in enumerate(readers):
-            stats = reader.read(case.pairs_array, case.request_ids)
-            assert stats.strategy == strategy
-            want = case.expected_dst(rank)
-            assert np.array_equal(dst_memory[rank], want), first_difference(dst_memory[rank], want)
-            plan = reader.plan
-            assert plan.spec == case.spec
             base_plan = plan_all(case.spec.base, case.src_tp, case.dst_tp)[rank]
-            assert len(plan.reads) == len(base_plan.reads)
-            assert plan.nbytes == case.spec.num_layers * base_plan.nbytes
+            assert reader.plan.spec == case.spec and len(reader.plan.reads) == len(base_plan.reads)
+            assert reader.plan.nbytes == case.spec.num_layers * base_plan.nbytes
 
 
 def test_stacked_and_per_layer_engines_refuse_each_other():
