@@ -15,11 +15,12 @@ Used by tests in this folder and by `tests/gpu/` (with torch tensors for memory)
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ssm_split import RegionSet, page_layout, plan_reads
+from ssm_split import Mamba2Spec, RegionSet, page_layout, plan_reads
 from ssm_split.reference import random_state, shard
 from ssm_split.specs import StackedSpec
 from ssm_split.strategies import stack_pages
@@ -115,6 +116,32 @@ class Case:
     def expected_dst(self, rank: int) -> np.ndarray:
         """A dst rank's memory after a correct transfer of the whole batch."""
         return self._fill("dst", rank, DST_FILL)
+
+
+TCP_VICTIM_SPEC = Mamba2Spec(num_heads=32, head_dim=64, num_groups=1, state_size=64, ssm_dtype="float32")
+"""512 KiB pages at TP 1: a src serving 31 of them over UCX tcp (`TCP`) keeps a 31 MiB READ
+in flight for tens of ms, long enough for a fault to hit it."""
+
+
+def tcp_victim_case(seed: int) -> Case:
+    """32 requests of `TCP_VICTIM_SPEC` at TP 1 -> 1, block i -> block i, 2 layers."""
+    return Case(TCP_VICTIM_SPEC, 1, 1, num_layers=2, num_blocks=40, pairs=tuple((i, i) for i in range(32)),
+                seed=seed)
+
+
+@contextlib.contextmanager
+def emulating_dst(case: Case):
+    """`(endpoint, memory)` of dst rank 0 of `case` on DRAM, accepting emulated READs (it
+    reads `TCP` srcs); the endpoint is closed afterwards."""
+    from ssm_split.nixl_backend import Endpoint
+
+    memory = case.dst_memory()
+    endpoint = Endpoint(case.spec, tp=case.dst_tp, rank=0, memory=[memory],
+                        regions=case.regions("dst", memory.ctypes.data), ucx_params=EMULATING)
+    try:
+        yield endpoint, memory
+    finally:
+        endpoint.close()
 
 
 def random_src_memory(case: Case, rank: int) -> np.ndarray:

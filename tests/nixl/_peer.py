@@ -190,6 +190,12 @@ class SrcEngine:
         addresses, self.names = self.ask(None, "ready", timeout_s=start_timeout_s)
         self.addresses = [tuple(a) for a in addresses]
 
+    def connect(self, reader):
+        """Connect `reader` to every src rank of this engine; returns it."""
+        for address in self.addresses:
+            reader.connect_to(*address)
+        return reader
+
     def ask(self, command, expect: str, timeout_s: float = 60):
         """Send `command` (unless None) and return the payload of the `expect` answer."""
         if command is not None:

@@ -25,11 +25,11 @@ import pytest
 pytest.importorskip("nixl")
 
 from ssm_split.errors import HandshakeError, StaleHandshakeError
-from ssm_split import Mamba2Spec, PlanError, TransferError
+from ssm_split import PlanError, TransferError
 from ssm_split.nixl_backend import Endpoint, Reader, fetch_handshake_bytes  # noqa: E402
 from ssm_split.reference import shard  # noqa: E402
 
-from ._cluster import DST_FILL, EMULATING, TCP, Case  # noqa: E402
+from ._cluster import DST_FILL, TCP, TCP_VICTIM_SPEC, Case, emulating_dst, tcp_victim_case  # noqa: E402
 from ._peer import SrcEngine  # noqa: E402
 
 pytestmark = pytest.mark.nixl
@@ -37,9 +37,8 @@ pytestmark = pytest.mark.nixl
 SLACK_S = 1.0
 """How far past its deadline a failure may surface (polling, a loaded CI machine)."""
 
-# 512 KiB pages at TP 1: the victim's 31-request batch is 31 MiB, tens of ms over tcp
-SPEC = Mamba2Spec(num_heads=32, head_dim=64, num_groups=1, state_size=64, ssm_dtype="float32")
-VICTIM = Case(SPEC, 1, 1, num_layers=2, num_blocks=40, pairs=tuple((i, i) for i in range(32)), seed=11)
+SPEC = TCP_VICTIM_SPEC
+VICTIM = tcp_victim_case(seed=11)
 HEALTHY = Case(SPEC, 2, 1, num_layers=2, num_blocks=40, pairs=((5, 36), (0, 38)), seed=22)
 BEFORE, REST = VICTIM.pairs_array[:1], VICTIM.pairs_array[1:]
 
@@ -52,18 +51,12 @@ def healthy():
 
 @pytest.fixture()
 def dst():
-    memory = VICTIM.dst_memory()
-    endpoint = Endpoint(SPEC, tp=1, rank=0, memory=[memory], regions=VICTIM.regions("dst", memory.ctypes.data),
-                        ucx_params=EMULATING)  # reads the tcp victims
-    yield endpoint, memory
-    endpoint.close()
+    with emulating_dst(VICTIM) as side:  # reads the tcp victims
+        yield side
 
 
 def reader(endpoint: Endpoint, src: SrcEngine, **options) -> Reader:
-    r = Reader(endpoint, **{"strategy": "direct", **options})
-    for address in src.addresses:
-        r.connect_to(*address)
-    return r
+    return src.connect(Reader(endpoint, **{"strategy": "direct", **options}))
 
 
 def page(memory: np.ndarray, layer: int, dst_block: int) -> np.ndarray:

@@ -25,20 +25,18 @@ import pytest
 
 pytest.importorskip("nixl")
 
-from ssm_split import Mamba2Spec, PlanError, TransferError  # noqa: E402
+from ssm_split import PlanError, TransferError  # noqa: E402
 from ssm_split.nixl_backend import Endpoint, Reader  # noqa: E402
 from ssm_split.reference import shard  # noqa: E402
 
-from ._cluster import DST_FILL, EMULATING, TCP, Case  # noqa: E402
+from ._cluster import DST_FILL, TCP, TCP_VICTIM_SPEC, Case, emulating_dst, tcp_victim_case  # noqa: E402
 from ._peer import SrcEngine  # noqa: E402
 
 pytestmark = pytest.mark.nixl
 
-# 512 KiB pages at TP 1: the late batch is 31 MiB, ~100 ms over tcp
-SPEC = Mamba2Spec(num_heads=32, head_dim=64, num_groups=1, state_size=64, ssm_dtype="float32")
-PAIRS = tuple((i, i) for i in range(32))
-VICTIM = Case(SPEC, 1, 1, num_layers=2, num_blocks=40, pairs=PAIRS, seed=11)
-OTHER = Case(SPEC, 1, 1, num_layers=2, num_blocks=40, pairs=PAIRS, seed=33)  # other states
+SPEC = TCP_VICTIM_SPEC  # the late batch is 31 MiB, ~100 ms over tcp
+VICTIM = tcp_victim_case(seed=11)
+OTHER = tcp_victim_case(seed=33)  # other states in the same blocks
 REST = VICTIM.pairs_array[1:]
 WATCH_S = 0.5
 """How long received pages are watched for late bytes (the late READ lasts ~100 ms)."""
@@ -52,17 +50,12 @@ def other():
 
 @pytest.fixture()
 def dst():
-    memory = VICTIM.dst_memory()
-    endpoint = Endpoint(SPEC, tp=1, rank=0, memory=[memory], regions=VICTIM.regions("dst", memory.ctypes.data),
-                        ucx_params=EMULATING)  # reads the tcp victim
-    yield endpoint, memory
-    endpoint.close()
+    with emulating_dst(VICTIM) as side:  # reads the tcp victim
+        yield side
 
 
 def reader(endpoint: Endpoint, src: SrcEngine) -> Reader:
-    r = Reader(endpoint)
-    for address in src.addresses:
-        r.connect_to(*address)
+    r = src.connect(Reader(endpoint))
     r.warm_up()
     return r
 
@@ -146,27 +139,25 @@ def test_settled_means_nothing_lands_afterwards(dst):
 
 
 def test_closing_the_endpoint_stops_a_read_that_never_settles():
-    memory = VICTIM.dst_memory()
-    endpoint = Endpoint(SPEC, tp=1, rank=0, memory=[memory], regions=VICTIM.regions("dst", memory.ctypes.data),
-                        ucx_params=EMULATING)
-    agent = weakref.ref(endpoint.agent.agent)
-    with SrcEngine(VICTIM, ucx_params=TCP) as stopped:
-        ra = reader(endpoint, stopped)
-        stopped.pause()  # a READ to a stopped src over tcp never settles
-        try:
-            stuck = ra.start_read(REST, "stuck", timeout_s=0.3)
-            with pytest.raises(TransferError, match="did not complete before the deadline"):
-                stuck.wait()
-            ra.close(settle_timeout_s=0.1)
-            assert endpoint.unsettled == 1 and not stuck.settled
-            with pytest.raises(PlanError, match="being written by batch 'stuck'"):
-                endpoint.inflight.check_free({1}, {0})  # what every reader's start_read asks
-        except BaseException:
-            stopped.resume()
-            raise
-        endpoint.close()  # destroys the agent: the memory may be freed once it returns
-        assert agent() is None, "the NIXL agent outlived Endpoint.close"
-        memory[:] = 0x22
-        stopped.resume()  # (over tcp the src aborts now: emulated READs, see test_dying_reader)
-        time.sleep(WATCH_S)
-        assert (memory == 0x22).all(), "bytes landed after Endpoint.close returned"
+    with emulating_dst(VICTIM) as (endpoint, memory):  # closed below; closing is idempotent
+        agent = weakref.ref(endpoint.agent.agent)
+        with SrcEngine(VICTIM, ucx_params=TCP) as stopped:
+            ra = reader(endpoint, stopped)
+            stopped.pause()  # a READ to a stopped src over tcp never settles
+            try:
+                stuck = ra.start_read(REST, "stuck", timeout_s=0.3)
+                with pytest.raises(TransferError, match="did not complete before the deadline"):
+                    stuck.wait()
+                ra.close(settle_timeout_s=0.1)
+                assert endpoint.unsettled == 1 and not stuck.settled
+                with pytest.raises(PlanError, match="being written by batch 'stuck'"):
+                    endpoint.inflight.check_free({1}, {0})  # what every reader's start_read asks
+            except BaseException:
+                stopped.resume()
+                raise
+            endpoint.close()  # destroys the agent: the memory may be freed once it returns
+            assert agent() is None, "the NIXL agent outlived Endpoint.close"
+            memory[:] = 0x22
+            stopped.resume()  # (over tcp the src aborts now: emulated READs, see test_dying_reader)
+            time.sleep(WATCH_S)
+            assert (memory == 0x22).all(), "bytes landed after Endpoint.close returned"
