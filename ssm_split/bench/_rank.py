@@ -21,7 +21,6 @@ import traceback
 
 import numpy as np
 
-from ..specs._stacked import StackedSpec
 from ._common import (Memory, copy_limit_s, page_keys, per_layer_regions, split_rows, template_pages,
                       time_read_s)
 
@@ -164,14 +163,10 @@ class _Dst:
 
         self._release()
         cfg = self.cfg
-        if strategy == "baseline" and isinstance(cfg["spec"], StackedSpec):
-            return {"verified": False, "skipped": "vLLM keeps one tensor per layer: its pattern has no stacked "
-                    "form (time it with --pages per-layer)", "strategy_run": "-", "descriptors": 0, "waves": 0,
-                    "nbytes": 0, "transfers": 0, "why_not": {}}
         if strategy == "baseline":
             try:
                 plan = baseline_plan(cfg["spec"], cfg["src_tp"], cfg["dst_tp"], self.rank)
-            except PlanError as error:  # vLLM's offsets leave the pages (replicated groups)
+            except PlanError as error:  # vLLM's offsets leave the pages (replicated groups), stacked pages
                 return {"verified": False, "skipped": f"vLLM's pattern cannot run here: {error}",
                         "strategy_run": "-", "descriptors": 0, "waves": 0, "nbytes": 0, "transfers": 0,
                         "why_not": {}}

@@ -16,6 +16,7 @@ from ..errors import PlanError
 from ..layout._layout import page_layout, sub_projection_widths
 from ..plan._plan import Plan, Read
 from ..specs._spec import Spec, check_is_spec
+from ..specs._stacked import StackedSpec
 
 __all__ = ["baseline_reads", "baseline_plan"]
 
@@ -42,8 +43,12 @@ def baseline_reads(spec: Spec, src_tp: int, dst_tp: int, dst_rank: int) -> tuple
     verification reports.
 
     Raises:
-        PlanError: neither TP size divides the other, or the conv layout is not DS.
+        PlanError: neither TP size divides the other, the conv layout is not DS, or `spec`
+            is a stacked page (vLLM keeps one tensor per layer).
     """
+    if isinstance(spec, StackedSpec):
+        raise PlanError("vLLM keeps one tensor per layer: its descriptor pattern has no stacked form "
+                        "(time it on per-layer pages).")
     check_is_spec(spec)
     ratio, src_larger = _tp_ratio(src_tp, dst_tp)
     if spec.conv_parts and spec.conv_layout != "DS":

@@ -24,6 +24,7 @@ from ssm_split.strategies._stacked import (
     stacked_plan,
     unstack_page,
 )
+from ssm_split.strategies import baseline_plan
 from tests.strategies import rank_cases, seeds
 
 
@@ -145,3 +146,5 @@ def test_bad_stacked_inputs():
         stacked_plan(spec, 1, 2, 0)
     with pytest.raises(PlanError, match="layer"):
         layer_view(stack_layers(spec, 2), 1, 0, 2)
+    with pytest.raises(PlanError, match="no stacked form"):  # vLLM's pattern is per layer only
+        baseline_plan(stack_layers(spec, 2), 1, 2, 0)
