@@ -16,9 +16,9 @@ since every offset of a page layout is linear in the unit sizes, its layout and 
 the per-layer ones with every offset and length multiplied by `L`.
 
 `StackedSpec` itself is a page spec (`ssm_split.specs._stacked`): `page_layout`,
-`plan_reads`, `Endpoint` and the Reader take it directly. `stacked_layout` and
-`stacked_plan` here derive the same results by scaling the per-layer ones, and the
-property tests hold the two derivations equal.
+`plan_reads`, `Endpoint` and the Reader take it directly (`stacked_layout` and
+`stacked_plan` here are those two, insisting on a stacked spec). The property tests hold
+them equal to the per-layer results scaled by `L`.
 
 Kernels that view one layer use `layer_view` (offset, shape and strides per part): the
 view of layer `l` of a part is `(units_r, *unit)` with the unit stride multiplied by `L`.
@@ -26,43 +26,40 @@ view of layer `l` of a part is `(units_r, *unit)` with the unit stride multiplie
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from ..errors import PlanError
-from ..layout._layout import PageLayout, Segment, page_layout
-from ..plan._plan import Plan, Read, plan_reads
-from ..specs._spec import Spec
+from ..layout._layout import PageLayout, page_layout
+from ..plan._plan import Plan, plan_reads
 from ..specs._stacked import StackedSpec, stack_layers
 
 __all__ = ["StackedSpec", "stack_layers", "stacked_layout", "stacked_plan", "stack_pages",
            "unstack_page", "PartView", "layer_view"]
 
 
-def _scale_segment(seg: Segment, n: int) -> Segment:
-    return dataclasses.replace(seg, offset=seg.offset * n, nbytes=seg.nbytes * n)
-
-
 def stacked_layout(stacked: StackedSpec, tp: int, rank: int) -> PageLayout:
-    """The byte layout of `rank`'s stacked page: the per-layer layout scaled by `num_layers`."""
+    """The byte layout of `rank`'s stacked page: `page_layout` of the stacked spec, which
+    is the per-layer layout with every offset and length multiplied by `num_layers`.
+
+    Raises:
+        PlanError: `stacked` is not a `StackedSpec`.
+    """
     _check_stacked(stacked)
-    base = page_layout(stacked.base, tp, rank)
-    n = stacked.num_layers
-    return PageLayout(stacked, tp, rank, tuple(_scale_segment(s, n) for s in base.segments),
-                      base.conv_nbytes * n, base.temporal_nbytes * n, base.units)
+    return page_layout(stacked, tp, rank)
 
 
 def stacked_plan(stacked: StackedSpec, src_tp: int, dst_tp: int, dst_rank: int) -> Plan:
-    """The reads of `dst_rank` between stacked pages: the per-layer plan scaled by
-    `num_layers`, so still maximal (contiguity is preserved by scaling)."""
+    """The reads of `dst_rank` between stacked pages: `plan_reads` of the stacked spec, the
+    per-layer plan scaled by `num_layers` (still maximal: scaling keeps contiguity).
+
+    Raises:
+        PlanError: `stacked` is not a `StackedSpec`.
+    """
     _check_stacked(stacked)
-    base = plan_reads(stacked.base, src_tp, dst_tp, dst_rank)
-    n = stacked.num_layers
-    reads = tuple(Read(r.src_rank, r.src_offset * n, r.dst_offset * n, r.nbytes * n) for r in base.reads)
-    return Plan(stacked, src_tp, dst_tp, dst_rank, reads, base.src_content_nbytes * n, base.dst_content_nbytes * n)
+    return plan_reads(stacked, src_tp, dst_tp, dst_rank)
 
 
 def _check_stacked(stacked: object) -> None:

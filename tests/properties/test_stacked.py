@@ -76,13 +76,20 @@ def test_stacked_plan_moves_stacked_pages(case, num_layers, seed):
 
 @given(case=rank_cases(max_tp=6), num_layers=st.integers(1, 4), seed=seeds())
 def test_a_stacked_spec_is_a_page_spec_like_any_other(case, num_layers, seed):
-    """`page_layout` and `plan_reads` take a StackedSpec directly and agree with the
-    scaled derivations; the plan rebuilds the stacked page defined from the states."""
+    """`page_layout` and `plan_reads` take a StackedSpec directly and equal the per-layer
+    layout and plan with every offset and length scaled by the layer count; the plan
+    rebuilds the stacked page defined from the states."""
     spec, src_tp, dst_tp, dst_rank = case
     stacked = stack_layers(spec, num_layers)
-    assert page_layout(stacked, dst_tp, dst_rank) == stacked_layout(stacked, dst_tp, dst_rank)
+    layout, base_layout = page_layout(stacked, dst_tp, dst_rank), page_layout(spec, dst_tp, dst_rank)
+    assert [(s.name, s.row, s.offset, s.nbytes) for s in layout.segments] == [
+        (s.name, s.row, s.offset * num_layers, s.nbytes * num_layers) for s in base_layout.segments]
+    assert layout == stacked_layout(stacked, dst_tp, dst_rank)
     plan = plan_reads(stacked, src_tp, dst_tp, dst_rank, dst_spec=stack_layers(spec, num_layers))
-    assert plan.reads == stacked_plan(stacked, src_tp, dst_tp, dst_rank).reads
+    assert [(r.src_rank, r.src_offset, r.dst_offset, r.nbytes) for r in plan.reads] == [
+        (r.src_rank, r.src_offset * num_layers, r.dst_offset * num_layers, r.nbytes * num_layers)
+        for r in plan_reads(spec, src_tp, dst_tp, dst_rank).reads]
+    assert plan == stacked_plan(stacked, src_tp, dst_tp, dst_rank)
     states = [reference.random_state(spec, seed + layer) for layer in range(num_layers)]
     src = [_stacked_page(spec, states, src_tp, r) for r in range(src_tp)]
     want = _stacked_page(spec, states, dst_tp, dst_rank)
