@@ -121,7 +121,7 @@ def _part_fits(part: Part, tp: int) -> bool:
     return part.num_units % tp == 0 or (part.replicable and tp % part.num_units == 0)
 
 
-def valid_tp_sizes(spec: Spec) -> tuple[int, ...]:
+def valid_tp_sizes(spec: PageSpec) -> tuple[int, ...]:
     """Every TP size `spec` can be sharded on, ascending.
 
     A non-replicable part (heads of x, V or the temporal state, channels) only splits on
@@ -171,7 +171,7 @@ def _check_tp_rank(tp: object, rank: object, what: str = "") -> None:
         )
 
 
-def rank_units(spec: Spec, tp: int, rank: int) -> tuple[UnitRange, ...]:
+def rank_units(spec: PageSpec, tp: int, rank: int) -> tuple[UnitRange, ...]:
     """The units of every part that rank `rank` of `tp` holds, in page order.
 
     Raises:
