@@ -6,14 +6,15 @@ of the same bytes between the same GPUs and NIXL's one-descriptor READ, all dst 
 once. On a machine with two GPUs the src ranks run on GPU 0 and the dst ranks on GPU 1,
 as prefill and decode engines would; `one-gpu` puts every rank on GPU 0.
 
-    UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y python benchmarks/bench_strategies.py --suite qwen,nemotron \\
+    UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y python benchmarks/bench_strategies.py \\
+        --suite qwen,stacked,nemotron,one-gpu \\
         --out benchmarks/results/latest-gpu.json --plot benchmarks/results/latest-gpu.png
 
 Suites: `qwen` (Qwen3.5-27B, all 48 layers, batch 64, 1 -> 2 and 2 -> 1), `nemotron`
 (Nemotron-H-56B, all 54 layers, batch 64, 2 -> 4), `one-gpu` (Qwen3.5-27B 1 -> 2 with
-every rank on GPU 0), `stacked` (Qwen3.5-27B 1 -> 2 and 2 -> 1 on stacked pages: one region
-whose pages hold all 48 layers; vLLM's per-layer pattern is skipped there, compare with
-`qwen`), `quick` (Qwen3.5-0.8B, 4 layers, a smoke test).
+every rank on GPU 0, per-layer and stacked pages), `stacked` (Qwen3.5-27B 1 -> 2 and
+2 -> 1 on stacked pages: one region whose pages hold all 48 layers; vLLM's per-layer
+pattern is skipped there, compare with `qwen`), `quick` (Qwen3.5-0.8B, 4 layers, a smoke test).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def _case(model: str, src_tp: int, dst_tp: int, *, layers=None, batch=64, blocks
 SUITES = {
     "qwen": lambda: [_case("qwen3.5-27b", 1, 2), _case("qwen3.5-27b", 2, 1)],
     "nemotron": lambda: [_case("nemotron-h-56b", 2, 4, blocks=80, area_mib=1024)],
-    "one-gpu": lambda: [_case("qwen3.5-27b", 1, 2, devices=((0,), (0,)))],
+    "one-gpu": lambda: [_case("qwen3.5-27b", 1, 2, devices=((0,), (0,))),
+                        _case("qwen3.5-27b", 1, 2, devices=((0,), (0,)), pages="stacked")],
     "stacked": lambda: [_case("qwen3.5-27b", 1, 2, pages="stacked"), _case("qwen3.5-27b", 2, 1, pages="stacked")],
     "quick": lambda: [_case("qwen3.5-0.8b", 1, 2, layers=4, batch=16)],
 }
@@ -55,7 +57,7 @@ SUITES = {
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", default="qwen,nemotron,one-gpu")
+    parser.add_argument("--suite", default="qwen,stacked,nemotron,one-gpu")
     parser.add_argument("--out", default=None, help="write (replace) the records in this JSON file")
     parser.add_argument("--plot", default=None, help="write a PNG of the times")
     args = parser.parse_args()

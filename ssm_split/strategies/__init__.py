@@ -53,6 +53,7 @@ from ._stacked import layer_view as layer_view
 from ._cost import CostModel as CostModel
 from ._cost import DRAM_COST_MODEL as DRAM_COST_MODEL
 from ._choose import STRATEGY_ORDER as STRATEGY_ORDER
+from ._choose import SIMPLER_WITHIN as SIMPLER_WITHIN
 from ._choose import estimate_s as estimate_s
 from ._choose import choose_strategy as choose_strategy
 from ._cost import DEFAULT_COST_MODEL as DEFAULT_COST_MODEL
@@ -102,6 +103,7 @@ __all__ = [
     "CostModel",
     "DRAM_COST_MODEL",
     "STRATEGY_ORDER",
+    "SIMPLER_WITHIN",
     "estimate_s",
     "choose_strategy",
     "DEFAULT_COST_MODEL",

@@ -1,8 +1,9 @@
 """What a transfer strategy costs.
 
 NIXL READs are priced per descriptor, not per byte, until descriptors are megabytes long
-(docs/performance.md): about 8-11 us per descriptor NIXL cannot merge between H200s,
-against well under 1 us per MB. A `CostModel` says this with a few numbers measured on
+(docs/performance.md): one READ pays about 8-11 us per descriptor NIXL cannot merge
+between H200s (3.3 us per descriptor on the GPU pair with UCX's four worker threads
+splitting every READ), against well under 1 us per MB. A `CostModel` says this with a few numbers measured on
 the machine (`fit_cost_model` fits the READ terms from timings). `choose_groups` uses it
 to decide, per src rank of a plan, which reads to fetch directly and which to fetch as
 one superset span into staging, fixed up by one gather; `estimate_s` and
@@ -60,11 +61,15 @@ class CostModel:
         return self.desc_s + span_nbytes * self.byte_s + gathered_nbytes * self.gather_byte_s
 
 
-DEFAULT_COST_MODEL = CostModel(desc_s=8e-6, byte_s=2.6e-12, gather_byte_s=0.55e-12)
+DEFAULT_COST_MODEL = CostModel(desc_s=3.3e-6, byte_s=2.66e-12, gather_byte_s=0.55e-12, peer_byte_s=2.9e-12)
 """VRAM between two H200s joined by NVLink (NIXL 1.5.1 over cuda_ipc, UCX `num_threads=4`,
-`split_batch_size=1`; benchmarks/results/): 8-11 us per unmerged descriptor, ~385 GB/s for
-large READs, ~1.8 TB/s for a copy kernel on one GPU, ~370 GB/s for a kernel reading the
-peer GPU."""
+`split_batch_size=1`), fitted to the Reader's own runs on 30 Nov 2026
+(`benchmarks/results/stacked-gpu.json`): `desc_s` and `byte_s` by `fit_cost_model` over the
+direct strategy on Qwen3.5-27B's per-layer pages (24,576 descriptors, 108 ms) and stacked
+pages (512 descriptors, 28 ms) of the same 9.85 GB; `peer_byte_s` from the peer strategy
+end to end with one decode rank (28.4-28.8 ms, ~345 GB/s); `gather_byte_s` from a copy
+kernel on one GPU (~1.8 TB/s). The descriptor cost is what the GPU pair spends per
+descriptor with every decode rank reading at once (they share the copy engines)."""
 
 DRAM_COST_MODEL = CostModel(desc_s=6e-6, byte_s=0.3e-9, gather_byte_s=0.25e-9, gather_launch_s=50e-6,
                             request_s=400e-6, peer_byte_s=0.25e-9)

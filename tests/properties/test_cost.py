@@ -98,7 +98,9 @@ def test_fit_and_model_reject_bad_input():
 
 # --- choosing a strategy ------------------------------------------------------------------
 
-from ssm_split.strategies import STRATEGY_ORDER, choose_strategy, estimate_s  # noqa: E402
+from ssm_split.specs import preset_info  # noqa: E402
+from ssm_split.strategies import (SIMPLER_WITHIN, STRATEGY_ORDER, choose_strategy, estimate_s,  # noqa: E402
+                                  stack_layers)
 
 DESCRIPTORS_DEAR = CostModel(desc_s=1.0, byte_s=1e-15, gather_byte_s=1e-15, request_s=1e-9, peer_byte_s=1e-15)
 BYTES_DEAR = CostModel(desc_s=1e-15, byte_s=1.0, gather_byte_s=1.0, request_s=1e-15, peer_byte_s=2.0)
@@ -117,6 +119,32 @@ def test_dear_descriptors_pick_packing_and_dear_bytes_pick_direct(case, requests
     assert choose_strategy(plan, num_requests=requests, num_layers=layers, available=everything,
                            model=BYTES_DEAR) == "direct"
     assert choose_strategy(plan, num_requests=requests, num_layers=layers, available=["packed"]) == "packed"
+
+
+@given(case=rank_cases(max_tp=4), requests=st.integers(1, 32), layers=st.integers(1, 4),
+       available=st.sets(st.sampled_from(STRATEGY_ORDER), min_size=1))
+def test_the_pick_is_the_simplest_strategy_close_to_the_cheapest(case, requests, layers, available):
+    plan = plan_reads(*case)
+    pick = choose_strategy(plan, num_requests=requests, num_layers=layers, available=available)
+    costs = {s: estimate_s(s, plan, num_requests=requests, num_layers=layers) for s in available}
+    cheapest_s = min(costs.values())
+    assert costs[pick] <= cheapest_s * (1 + SIMPLER_WITHIN)
+    simpler = STRATEGY_ORDER[:STRATEGY_ORDER.index(pick)]
+    assert all(costs[s] > cheapest_s * (1 + SIMPLER_WITHIN) for s in simpler if s in available)
+
+
+@pytest.mark.parametrize("src_tp, dst_tp", [(1, 2), (2, 1)])
+def test_the_default_model_reads_stacked_pages_directly_and_per_layer_pages_by_peer(src_tp, dst_tp):
+    # what the H200 pair measured (benchmarks/results/stacked-gpu.json): on vLLM's per-layer
+    # pages peer is 3-4x faster than direct; on stacked pages direct is as fast or faster
+    info = preset_info("qwen3.5-27b")
+    layers = info.num_state_layers
+    per_layer = plan_reads(info.spec, src_tp, dst_tp, 0)
+    stacked = plan_reads(stack_layers(info.spec, layers), src_tp, dst_tp, 0)
+    kw = dict(num_requests=64, available=STRATEGY_ORDER, wave_nbytes=1 << 30)
+    assert choose_strategy(per_layer, num_layers=layers, **kw) == "peer"
+    assert choose_strategy(stacked, num_layers=1, **kw) == "direct"
+    assert choose_strategy(stacked, num_layers=1, **{**kw, "available": ["direct", "staged"]}) == "direct"
 
 
 @given(case=rank_cases(max_tp=4), requests=st.integers(1, 32), strategy=st.sampled_from(STRATEGY_ORDER))
