@@ -251,13 +251,17 @@ def plot_records(records: Sequence[dict], path: str) -> bool:
             pages = ", stacked" if r["pages"] == "stacked" else ""
             case = f"{r['model']} {r['src_tp']}->{r['dst_tp']}, {r['layers']} layers{pages}, b{r['batch']}, {gpus}"
             cases.setdefault(case, []).append(r)
-    fig, axes = plt.subplots(1, max(len(cases), 1), figsize=(6 * max(len(cases), 1), 4.5), squeeze=False)
-    for ax, (case, rows) in zip(axes[0], cases.items()):
+    num_cols = min(max(len(cases), 1), 4)
+    num_rows = -(-max(len(cases), 1) // num_cols)
+    fig, axes = plt.subplots(num_rows, num_cols, figsize=(5.5 * num_cols, 4.2 * num_rows), squeeze=False)
+    for ax in axes.flat[len(cases):]:
+        ax.set_visible(False)
+    for ax, (case, rows) in zip(axes.flat, cases.items()):
         names = [r["strategy"] for r in rows]
         ax.bar(names, [r["median_s"] * 1e3 for r in rows], color="tab:blue")
         ax.axhline(rows[0]["copy_limit_s"] * 1e3, color="black", linestyle="--", label="torch copy")
         ax.set_ylabel("ms, all dst ranks at once")
-        ax.set_title(case, fontsize=9)
+        ax.set_title(case.replace(", b", ",\nb", 1), fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
