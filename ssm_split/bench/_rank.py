@@ -197,7 +197,8 @@ class _Dst:
         self.mem.sync()
         verified = all(self.mem.check(buf, self.template, self.keys[layer], self.pairs, self.content_words)
                        for layer, buf in enumerate(self.buffers))
-        return {"verified": bool(verified), "strategy_run": stats.strategy, "descriptors": stats.num_descriptors,
+        return {"verified": bool(verified), "strategy_run": stats.strategy, "peer_engine": stats.engine,
+                "descriptors": stats.num_descriptors,
                 "waves": stats.num_waves, "nbytes": stats.nbytes, "transfers": stats.num_transfers,
                 "why_not": why_not, "skipped": None}
 

@@ -176,6 +176,7 @@ def _record(o, versions, batch, strategy, prepared, samples, nbytes, copy_s, cei
     return dict(model=o.model, src_tp=o.src_tp, dst_tp=o.dst_tp, layers=o.layers, batch=batch, pages=o.pages,
                 executor="Reader", strategy=strategy,
                 strategy_run=sorted({p["strategy_run"] for p in prepared}),
+                peer_engine=sorted({p["peer_engine"] for p in prepared if p.get("peer_engine")}),
                 descriptors=sum(p["descriptors"] for p in prepared), waves=max(p["waves"] for p in prepared),
                 transfers=sum(p["transfers"] for p in prepared), nbytes=nbytes,
                 verified=all(p["verified"] for p in prepared), median_s=median, samples_s=samples, gbps=gbps,
@@ -224,7 +225,8 @@ def format_records(records: Sequence[dict]) -> str:
 
     rows = [[f"{r['model']} {r['src_tp']}->{r['dst_tp']} b{r['batch']}" + (" stacked" if r["pages"] == "stacked" else ""),
              r["strategy"],
-             "+".join(r["strategy_run"]), str(r["descriptors"]), f"{r['nbytes'] / 2**20:.0f} MiB",
+             "+".join(r["strategy_run"]) + "".join(f" ({e})" for e in r.get("peer_engine", ())),
+             str(r["descriptors"]), f"{r['nbytes'] / 2**20:.0f} MiB",
              f"{r['median_s'] * 1e3:.2f}" if r["median_s"] else ("skipped" if r.get("skipped") else
                                                                  "FAILED" if not r["verified"] else "-"),
              f"{r['gbps']:.0f}" if r["gbps"] else "-", pct(r["pct_of_copy_limit"]),

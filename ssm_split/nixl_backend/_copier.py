@@ -8,8 +8,9 @@ memory); this module only moves bytes:
   length between the same two arrays are done together with fancy indexing (short ones)
   or one slice assignment each (long ones).
 - `DeviceCopier`: one Triton launch per table on the GPU the copier belongs to
-  (`_gather.GatherTable`, `_gather.run_gather`), on its own CUDA stream; `launch` returns
-  a `Launched` whose `done()` polls a CUDA event, so a reader never blocks on it.
+  (`_gather.GatherTable`, `_gather.run_gather`), on its own CUDA stream; a `PagedCopies`
+  for the copy engines goes to them in one driver call instead (`_batchcopy`). `launch`
+  returns a `Launched` whose `done()` polls a CUDA event, so a reader never blocks on it.
 
 Addresses a table names must lie inside memory the copier was given (host) or be
 readable by the GPU (its own allocations, or peer memory mapped into this process).
@@ -24,6 +25,8 @@ import numpy as np
 from ..errors import TransferError
 from ..strategies._paged import PagedCopies
 from ..strategies._program import CopyTable
+from ._batchcopy import batch_copy, batch_copy_available
+from ._ipc import IpcError
 
 __all__ = ["HostCopier", "DeviceCopier", "Launched", "make_copier"]
 
@@ -35,8 +38,8 @@ _CHUNK_NBYTES = 256 << 10  # bytes per kernel program (as fast as 64 KiB on an H
 class Launched:
     """A table's copies in progress (host copies are done at launch)."""
 
-    def __init__(self, event: Any = None):
-        self._event = event
+    def __init__(self, event: Any = None, keep: Any = None):
+        self._event, self._keep = event, keep  # keep: what must live until the copies end
 
     def done(self) -> bool:
         return self._event is None or bool(self._event.query())
@@ -110,16 +113,29 @@ class DeviceCopier:
         self._anchor = torch.empty(16, dtype=torch.uint8, device=self.device)
         self._stream = torch.cuda.Stream(device=self.device)
 
-    def launch(self, table: CopyTable) -> Launched:
+    @property
+    def copy_engines(self) -> bool:
+        """Whether this copier can run `PagedCopies` for the copy engines."""
+        return batch_copy_available()
+
+    def launch(self, table: CopyTable | PagedCopies) -> Launched:
         from ._gather import GatherTable, PagedTable, run_gather, run_paged
 
         torch = self._torch
         if not table.num_copies:
             return Launched()
+        keep = None
         with torch.cuda.device(self.device):
             self._stream.wait_stream(torch.cuda.current_stream(self.device))  # writes made before us
             with torch.cuda.stream(self._stream):  # the table's upload is ordered before the kernel
-                if isinstance(table, PagedCopies):  # one program per (layer, request, piece)
+                if isinstance(table, PagedCopies) and table.engine == "copy-engines":
+                    rows = table.expand()
+                    try:
+                        keep = batch_copy(rows.src_addrs, rows.dst_addrs, rows.nbytes,
+                                          stream_handle=self._stream.cuda_stream, device_id=self.device.index)
+                    except IpcError as error:
+                        raise TransferError(f"The copy engines refused the batch: {error}") from error
+                elif isinstance(table, PagedCopies):  # one program per (layer, request, piece)
                     run_paged(PagedTable.build(table, anchor=self._anchor), self._stream)
                 else:
                     gather = GatherTable.build(table.src_addrs.astype(np.int64), table.dst_addrs.astype(np.int64),
@@ -128,7 +144,7 @@ class DeviceCopier:
                     run_gather(gather, self._stream)
             event = torch.cuda.Event()
             event.record(self._stream)
-        return Launched(event)
+        return Launched(event, keep)
 
     def synchronize(self) -> None:
         """Wait until every launched copy finished."""

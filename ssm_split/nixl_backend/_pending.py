@@ -78,6 +78,8 @@ class ReadStats:
         elapsed_s: from the first post to the last completion seen, in seconds.
         strategy: the strategy that ran ("direct", "staged", "packed" or "peer").
         num_waves: waves of the batch (1 unless staged or packed in several waves).
+        engine: what ran a peer batch's copies ("kernel" or "copy-engines"); "" for
+            the other strategies.
     """
 
     request_ids: tuple[str, ...]
@@ -88,6 +90,7 @@ class ReadStats:
     elapsed_s: float
     strategy: str = "direct"
     num_waves: int = 1
+    engine: str = ""
 
     @property
     def gbps(self) -> float:
@@ -244,8 +247,10 @@ class PendingRead:
             raise PlanError("stats() is only known once the read completed (poll() or wait()).")
         num_reads, num_descriptors, nbytes = self._counts
         waves = len(self._run.program.waves) if self._run is not None else 1
+        scatter = self._run.program.waves[0].scatter if self._run is not None else None
+        engine = getattr(scatter, "engine", "") if self.strategy == "peer" else ""
         return ReadStats(self.request_ids, num_reads, num_descriptors, nbytes, len(self._transfers),
-                         self._finished - self._started, self.strategy, waves)
+                         self._finished - self._started, self.strategy, waves, engine)
 
     @property
     def settled(self) -> bool:

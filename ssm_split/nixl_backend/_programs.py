@@ -10,7 +10,9 @@ program the core builds for it, and the `ProgramRun` that executes it.
   IPC handles that opened).
 - `strategy="auto"` asks the cost model (`ssm_split.strategies.choose_strategy`) among
   the possible ones, per batch; a forced strategy that is not possible is a `PlanError`
-  saying why.
+  saying why. A peer batch's engine (kernel or copy engines) is the core's
+  `peer_engine`, told whether src and dst share a GPU and whether the driver has
+  batched copies.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ import numpy as np
 
 from ..errors import PlanError, TransferError
 from ..layout._regions import Buffer
-from ..strategies._choose import choose_strategy
+from ..strategies._choose import choose_strategy, peer_engine
 from ..strategies._cost import DEFAULT_COST_MODEL, DRAM_COST_MODEL, CostModel
 from ..strategies._packing import pack_plan
 from ..strategies._staging import stage_plan
 from ..strategies._program import (Program, direct_program, mapped_regions, packed_program, peer_program,
                                    staged_program)
+from ._batchcopy import batch_copy_available
 from ._copier import make_copier
 from ._ipc import IpcError, PeerMapping, host_id
 from ._memory import describe_memory, zeros_like_memory
@@ -131,12 +134,18 @@ class ReaderPrograms:
                 raise PlanError(f"strategy {name!r} cannot run on this reader: {possible[name]}. "
                                 f"Use strategy=\"auto\" to pick among those that can.")
             return name
-        peers = self.reader.peers
-        same_device = all(peers[r].handshake.regions.device_id(0) == self.reader.endpoint.scratch.device_id
-                          for r in self.reader.plan.src_ranks)
         return choose_strategy(self.reader.plan, num_requests=num_requests, num_layers=num_layers,
                                available=[s for s, why in possible.items() if why is None], model=self.model,
-                               wave_nbytes=self.staging_nbytes // 2, same_device=same_device)
+                               wave_nbytes=self.staging_nbytes // 2, same_device=self._same_device(),
+                               copy_engines=self._copy_engines())
+
+    def _same_device(self) -> bool:
+        peers = self.reader.peers
+        return all(peers[r].handshake.regions.device_id(0) == self.reader.endpoint.scratch.device_id
+                   for r in self.reader.plan.src_ranks)
+
+    def _copy_engines(self) -> bool:
+        return self.reader.endpoint.mem_type == "VRAM" and batch_copy_available()
 
     def choose_and_lease(self, num_requests: int, num_layers: int, forced: str | None
                          ) -> tuple[str, int, Buffer | None]:
@@ -229,8 +238,12 @@ class ReaderPrograms:
             return packed_program(plan, src_regions, own.regions, pairs, staging=staging,
                                   src_pack_limits=limits, layers=layers)
         if name == "peer":
+            num_layers = own.regions.num_layers if layers is None else len(np.asarray(layers).reshape(-1))
+            engine = peer_engine(plan, num_requests=max(len(pairs), 1), num_layers=max(num_layers, 1),
+                                 model=self.model, same_device=self._same_device(),
+                                 copy_engines=self._copy_engines())
             return peer_program(plan, {r: self._mappings[r][1] for r in plan.src_ranks}, own.regions, pairs,
-                                layers=layers)
+                                layers=layers, engine=engine)
         raise PlanError(f"no program for strategy {name!r}")
 
     def run(self, program: Program, pending: PendingRead, label: str) -> ProgramRun:

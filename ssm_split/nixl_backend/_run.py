@@ -135,7 +135,11 @@ class ProgramRun:
             for rank, ok in state.answers.items():
                 self._release(rank, ok["lease"])
             if wave.scatter is not None and wave.scatter.num_copies:
-                state.scatter = self._copier.launch(wave.scatter)
+                try:
+                    state.scatter = self._copier.launch(wave.scatter)
+                except TransferError as error:  # the copies could not start (a driver refusal)
+                    self._fail(f"the copies of wave {state.index + 1} of {len(self._waves)} could not "
+                               f"start: {error}", None)
             state.stage = "scattering"
         if state.stage == "scattering" and (state.scatter is None or state.scatter.done()):
             state.stage = "done"

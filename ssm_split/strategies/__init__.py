@@ -41,6 +41,7 @@ from ._program import select_layers as select_layers
 from ._program import mapped_regions as mapped_regions
 from ._paged import PagedCopies as PagedCopies
 from ._paged import paged_copies as paged_copies
+from ._paged import PEER_ENGINES as PEER_ENGINES
 from ._staging import SLOT_ALIGN_NBYTES as SLOT_ALIGN_NBYTES
 from ._stacked import StackedSpec as StackedSpec
 from ._stacked import stack_layers as stack_layers
@@ -54,6 +55,7 @@ from ._cost import CostModel as CostModel
 from ._cost import DRAM_COST_MODEL as DRAM_COST_MODEL
 from ._choose import STRATEGY_ORDER as STRATEGY_ORDER
 from ._choose import SIMPLER_WITHIN as SIMPLER_WITHIN
+from ._choose import peer_engine as peer_engine
 from ._choose import estimate_s as estimate_s
 from ._choose import choose_strategy as choose_strategy
 from ._cost import DEFAULT_COST_MODEL as DEFAULT_COST_MODEL
@@ -91,6 +93,7 @@ __all__ = [
     "mapped_regions",
     "PagedCopies",
     "paged_copies",
+    "PEER_ENGINES",
     "SLOT_ALIGN_NBYTES",
     "StackedSpec",
     "stack_layers",
@@ -104,6 +107,7 @@ __all__ = [
     "DRAM_COST_MODEL",
     "STRATEGY_ORDER",
     "SIMPLER_WITHIN",
+    "peer_engine",
     "estimate_s",
     "choose_strategy",
     "DEFAULT_COST_MODEL",

@@ -10,17 +10,20 @@ page times pages), with a `CostModel` `m`:
              (the src's pack and the dst's scatter; when src and dst are on different
              devices they overlap the READs of other waves, so only one wave's copies
              and the largest per-byte term count)
-    peer     B * m.peer_byte_s + m.gather_launch_s
+    peer     kernel:       B * m.peer_byte_s + m.gather_launch_s
+             copy engines: pages * k * m.ce_copy_s + B * m.ce_byte_s   (k as for direct)
+
+`peer_engine` picks the peer strategy's engine: the copy engines where allowed (src and
+dst on different GPUs, a driver with batched copies) and cheaper, else the kernel. On
+one GPU the copy engines lose to the kernel by far on short copies
+(`benchmarks/results/batch-copy-probe-h200x2.json`), so they are not offered there.
 
 `choose_strategy` returns the cheapest of the strategies the caller says are possible
 (`packed` needs src ranks that pack, `peer` a src whose memory the dst has mapped,
-`staged` and `packed` a staging area). The estimates are coarse, so the pick is the
-simplest strategy (the order of `STRATEGY_ORDER`) whose estimate is within
-`SIMPLER_WITHIN` of the cheapest: a strategy with more machinery (a kernel, a staging
-lease, pack orders) must promise a clear gain. On stacked pages, where the direct READs
-are few and long, that keeps `direct` (measured 28.0 ms against peer's 28.2-30.9 ms for
-Qwen3.5-27B on two H200s, `benchmarks/results/stacked-gpu.json`); on vLLM's per-layer
-pages, where descriptors dominate, `peer` wins by 3-4x.
+`staged` and `packed` a staging area). `direct` and `peer` need nothing but the
+connection and compete on their estimates (ties: `direct`); `staged` and `packed` lease
+staging and run more steps, and the estimates are coarse, so they must be estimated at
+least `SIMPLER_WITHIN` cheaper than the best of the other two to be picked.
 """
 
 from __future__ import annotations
@@ -34,14 +37,16 @@ from ._cost import DEFAULT_COST_MODEL, CostModel
 from ._packing import pack_plan
 from ._staging import stage_plan
 
-__all__ = ["STRATEGY_ORDER", "SIMPLER_WITHIN", "estimate_s", "choose_strategy"]
+__all__ = ["STRATEGY_ORDER", "SIMPLER_WITHIN", "estimate_s", "choose_strategy", "peer_engine"]
 
 STRATEGY_ORDER = ("direct", "peer", "staged", "packed")
-"""Simplest first: the pick among estimates within `SIMPLER_WITHIN` of each other."""
+"""Simplest first: the pick among equal estimates."""
+
+_PLAIN = ("direct", "peer")
 
 SIMPLER_WITHIN = 0.05
-"""A simpler strategy is kept while its estimate is at most this fraction above the
-cheapest one's."""
+"""`staged` or `packed` is picked only when its estimate is at least this fraction below
+the best of `direct` and `peer` (when one of those can run)."""
 
 
 def _count(name: str, value: object, minimum: int) -> int:
@@ -50,16 +55,41 @@ def _count(name: str, value: object, minimum: int) -> int:
     return value
 
 
+def _peer_engine_s(plan: Plan, pages: int, model: CostModel) -> dict[str, float]:
+    total = plan.nbytes * pages
+    copies = pages * sum(len(merged_reads(plan, r)[0]) for r in plan.src_ranks)
+    return {"kernel": total * model.peer_byte_s + model.gather_launch_s,
+            "copy-engines": copies * model.ce_copy_s + total * model.ce_byte_s}
+
+
+def peer_engine(plan: Plan, *, num_requests: int, num_layers: int, model: CostModel = DEFAULT_COST_MODEL,
+                same_device: bool = False, copy_engines: bool = True) -> str:
+    """The peer strategy's engine for a batch: `"copy-engines"` when `copy_engines` (the
+    dst can hand batches of copies to the copy engines), src and dst are on different
+    devices and the model prices it below the kernel; else `"kernel"`.
+
+    Raises:
+        PlanError: counts < 1.
+    """
+    pages = _count("num_requests", num_requests, 1) * _count("num_layers", num_layers, 1)
+    if same_device or not copy_engines:
+        return "kernel"
+    costs = _peer_engine_s(plan, pages, model)
+    return "copy-engines" if costs["copy-engines"] < costs["kernel"] else "kernel"
+
+
 def estimate_s(strategy: str, plan: Plan, *, num_requests: int, num_layers: int,
                model: CostModel = DEFAULT_COST_MODEL, wave_nbytes: int | None = None,
-               same_device: bool = False) -> float:
+               same_device: bool = False, copy_engines: bool = True) -> float:
     """The model's seconds for `strategy` to move `num_requests` requests of
     `num_layers` layers with `plan`.
 
     Args:
         wave_nbytes: staging bytes one wave may use (half the staging area); None: one wave.
         same_device: src and dst share a device, so packing, READs and the scatter
-            share its memory bandwidth instead of overlapping.
+            share its memory bandwidth instead of overlapping (and peer copies run on
+            the kernel).
+        copy_engines: the peer strategy may use the copy engines (`peer_engine`).
 
     Raises:
         PlanError: an unknown strategy, or counts < 1.
@@ -70,7 +100,9 @@ def estimate_s(strategy: str, plan: Plan, *, num_requests: int, num_layers: int,
         per_page = sum(len(merged_reads(plan, r)[0]) for r in plan.src_ranks)
         return model.read_s(pages * per_page, total)
     if strategy == "peer":
-        return total * model.peer_byte_s + model.gather_launch_s
+        engine = peer_engine(plan, num_requests=num_requests, num_layers=num_layers, model=model,
+                             same_device=same_device, copy_engines=copy_engines)
+        return _peer_engine_s(plan, pages, model)[engine]
     if strategy == "staged":
         staged = stage_plan(plan, model=model)
         waves = 1 if not wave_nbytes or not staged.slot_nbytes else \
@@ -91,9 +123,9 @@ def estimate_s(strategy: str, plan: Plan, *, num_requests: int, num_layers: int,
 
 def choose_strategy(plan: Plan, *, num_requests: int, num_layers: int, available: Sequence[str],
                     model: CostModel = DEFAULT_COST_MODEL, wave_nbytes: int | None = None,
-                    same_device: bool = False) -> str:
-    """The simplest strategy of `available` whose `estimate_s` is within `SIMPLER_WITHIN`
-    of the smallest.
+                    same_device: bool = False, copy_engines: bool = True) -> str:
+    """The strategy of `available` to run (module doc): the cheaper of `direct` and `peer`,
+    unless `staged` or `packed` is estimated `SIMPLER_WITHIN` cheaper still.
 
     Raises:
         PlanError: `available` is empty or names an unknown strategy.
@@ -104,6 +136,14 @@ def choose_strategy(plan: Plan, *, num_requests: int, num_layers: int, available
         raise PlanError(f"available strategies must be a non-empty subset of {STRATEGY_ORDER}, "
                         f"got {list(available)!r}.")
     costs = {s: estimate_s(s, plan, num_requests=num_requests, num_layers=num_layers, model=model,
-                           wave_nbytes=wave_nbytes, same_device=same_device) for s in names}
-    cheapest_s = min(costs.values())
-    return next(s for s in names if costs[s] <= cheapest_s * (1 + SIMPLER_WITHIN))
+                           wave_nbytes=wave_nbytes, same_device=same_device, copy_engines=copy_engines)
+             for s in names}
+    cheapest = lambda group: min(group, key=lambda s: (costs[s], names.index(s)))  # noqa: E731
+    plain = [s for s in names if s in _PLAIN]
+    others = [s for s in names if s not in _PLAIN]
+    if not plain:
+        return cheapest(others)
+    pick = cheapest(plain)
+    if others and costs[cheapest(others)] * (1 + SIMPLER_WITHIN) < costs[pick]:
+        return cheapest(others)
+    return pick

@@ -36,6 +36,9 @@ class CostModel:
         request_s: one request a src rank answers before the dst may READ (a pack
             order: side channel round trip and the src's copy launch).
         peer_byte_s: one byte copied by a kernel from a peer GPU's mapped memory.
+        ce_copy_s: one copy of a batch handed to the copy engines in one driver call
+            (the peer strategy's other engine).
+        ce_byte_s: one byte copied by the copy engines from a peer GPU's mapped memory.
     """
 
     desc_s: float
@@ -44,9 +47,12 @@ class CostModel:
     gather_launch_s: float = 20e-6
     request_s: float = 300e-6
     peer_byte_s: float = 2.7e-12
+    ce_copy_s: float = 0.2e-6
+    ce_byte_s: float = 2.76e-12
 
     def __post_init__(self) -> None:
-        for name in ("desc_s", "byte_s", "gather_byte_s", "gather_launch_s", "request_s", "peer_byte_s"):
+        for name in ("desc_s", "byte_s", "gather_byte_s", "gather_launch_s", "request_s", "peer_byte_s",
+                     "ce_copy_s", "ce_byte_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise PlanError(f"CostModel.{name} must be a number of seconds >= 0, got {value!r}.")
@@ -68,7 +74,9 @@ DEFAULT_COST_MODEL = CostModel(desc_s=3.3e-6, byte_s=2.66e-12, gather_byte_s=0.5
 direct strategy on Qwen3.5-27B's per-layer pages (24,576 descriptors, 108 ms) and stacked
 pages (512 descriptors, 28 ms) of the same 9.85 GB; `peer_byte_s` from the peer strategy
 end to end with one decode rank (28.4-28.8 ms, ~345 GB/s); `gather_byte_s` from a copy
-kernel on one GPU (~1.8 TB/s). The descriptor cost is what the GPU pair spends per
+kernel on one GPU (~1.8 TB/s); `ce_copy_s` and `ce_byte_s` from the copy engines against
+the kernel on the same batches (`benchmarks/results/batch-copy-probe-h200x2.json`: 0.2 us
+a copy, and 95% of the kernel's time per byte, scaled to the end-to-end `peer_byte_s`). The descriptor cost is what the GPU pair spends per
 descriptor with every decode rank reading at once (they share the copy engines)."""
 
 DRAM_COST_MODEL = CostModel(desc_s=6e-6, byte_s=0.3e-9, gather_byte_s=0.25e-9, gather_launch_s=50e-6,

@@ -13,8 +13,14 @@ each copy's addresses itself (one program per (layer, request, piece)). The piec
 the plan's reads from each src rank, merged inside a page and cut into pieces of at most
 `piece_nbytes`, so programs carry similar loads.
 
-`expand()` turns the tables into the equivalent `CopyTable` (the host executor, and the
-tests, use it).
+Two engines run them (`engine`): `"kernel"`, one program per (layer, request, piece),
+pieces cut to `piece_nbytes` so programs carry similar loads; or `"copy-engines"`, the
+pieces uncut (the plan's merged reads) and the expanded rows handed to the GPU's copy
+engines in one driver call, which wins where the copies are few and long (stacked
+pages) and loses where they are many and short (`strategies.peer_engine`).
+
+`expand()` turns the tables into the equivalent `CopyTable` (the host executor, the
+copy engines and the tests use it).
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ from ..layout._regions import RegionSet
 from ..plan._plan import Plan
 from ._copies import CopyTable
 
-__all__ = ["PagedCopies", "paged_copies", "DEFAULT_PIECE_NBYTES"]
+__all__ = ["PagedCopies", "paged_copies", "DEFAULT_PIECE_NBYTES", "PEER_ENGINES"]
 
 DEFAULT_PIECE_NBYTES = 256 << 10
+PEER_ENGINES = ("kernel", "copy-engines")
 _U64 = np.uint64
 
 
@@ -46,12 +53,18 @@ class PagedCopies:
         dst_layers: shape `(m, 2)`: `(base, stride)` of the dst's layer `l`.
         pairs: shape `(N, 2)`: `(src_block, dst_block)` per request.
         pieces: shape `(k, 4)`: `(src rank index, src_offset, dst_offset, nbytes)`.
+        engine: what runs them, one of `PEER_ENGINES`.
     """
 
     src_layers: np.ndarray
     dst_layers: np.ndarray
     pairs: np.ndarray
     pieces: np.ndarray
+    engine: str = "kernel"
+
+    def __post_init__(self) -> None:
+        if self.engine not in PEER_ENGINES:
+            raise PlanError(f"PagedCopies.engine must be one of {PEER_ENGINES}, got {self.engine!r}.")
 
     @property
     def num_copies(self) -> int:
@@ -95,7 +108,7 @@ def _layer_table(regions: RegionSet, layer_ids: np.ndarray) -> np.ndarray:
 
 def paged_copies(plan: Plan, src_regions: Union[Mapping[int, RegionSet], Sequence[RegionSet]],
                  dst_regions: RegionSet, block_pairs: object, *, layers: object = None,
-                 piece_nbytes: int = DEFAULT_PIECE_NBYTES) -> PagedCopies:
+                 piece_nbytes: int = DEFAULT_PIECE_NBYTES, engine: str = "kernel") -> PagedCopies:
     """The batch's copies in factored form, both sides' regions in one address space.
 
     Args:
@@ -105,13 +118,18 @@ def paged_copies(plan: Plan, src_regions: Union[Mapping[int, RegionSet], Sequenc
         dst_regions: the dst's regions.
         block_pairs: shape `(N, 2)` `(src_block, dst_block)`.
         layers: the layers to move (default all).
-        piece_nbytes: the longest piece (> 0).
+        piece_nbytes: the longest piece (> 0) for the kernel.
+        engine: one of `PEER_ENGINES`; `"copy-engines"` keeps every merged read whole.
 
     Raises:
-        BlockRangeError, PlanError: as `expand_plan`.
+        BlockRangeError, PlanError: as `expand_plan`; an unknown engine.
     """
     if isinstance(piece_nbytes, bool) or not isinstance(piece_nbytes, int) or piece_nbytes < 1:
         raise PlanError(f"piece_nbytes must be an int >= 1, got {piece_nbytes!r}.")
+    if engine not in PEER_ENGINES:
+        raise PlanError(f"engine must be one of {PEER_ENGINES}, got {engine!r}.")
+    if engine == "copy-engines":
+        piece_nbytes = max(plan.dst_content_nbytes, 1)
     pairs, layer_ids = check_batch(plan, src_regions, dst_regions, block_pairs, layers)
     regions = dict(src_regions) if isinstance(src_regions, Mapping) else dict(enumerate(src_regions))
     src_layers = np.stack([_layer_table(regions[r], layer_ids) for r in plan.src_ranks]) if plan.src_ranks \
@@ -119,4 +137,4 @@ def paged_copies(plan: Plan, src_regions: Union[Mapping[int, RegionSet], Sequenc
     arrays = (src_layers, _layer_table(dst_regions, layer_ids), pairs.astype(np.int64), _pieces(plan, piece_nbytes))
     for array in arrays:
         array.flags.writeable = False
-    return PagedCopies(*arrays)
+    return PagedCopies(*arrays, engine=engine)

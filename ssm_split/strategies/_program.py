@@ -151,12 +151,13 @@ def direct_program(plan: Plan, src_regions: SrcRegions, dst_regions: RegionSet, 
 
 
 def peer_program(plan: Plan, mapped_src_regions: SrcRegions, dst_regions: RegionSet, block_pairs: object, *,
-                 layers: object = None) -> Program:
-    """One kernel's copies from the src ranks' pages, as mapped into the dst process
+                 layers: object = None, engine: str = "kernel") -> Program:
+    """The copies from the src ranks' pages, as mapped into the dst process
     (`mapped_src_regions`: the src regions at the addresses the dst sees them), into the
-    dst pages, in factored form (`PagedCopies`); no READ."""
+    dst pages, in factored form (`PagedCopies`) for `engine` (one of `PEER_ENGINES`,
+    `peer_engine` picks it); no READ."""
     pairs, layer_ids = _batch(plan, mapped_src_regions, dst_regions, block_pairs, layers)
-    table = paged_copies(plan, mapped_src_regions, dst_regions, pairs, layers=layer_ids)
+    table = paged_copies(plan, mapped_src_regions, dst_regions, pairs, layers=layer_ids, engine=engine)
     return Program("peer", plan, pairs, layer_ids, (Wave(pairs, (), (), table),), *_stats(plan, pairs, layer_ids))
 
 

@@ -60,6 +60,41 @@ def test_device_copier_moves_exact_bytes():
     assert np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("engine", ["kernel", "copy-engines"])
+def test_device_copier_runs_paged_copies_on_either_engine(engine):
+    """The peer strategy's table on each engine, src pages on GPU 0 and dst pages on the
+    last GPU (GPU 1 when there are two): the same bytes as the host's expansion."""
+    from ssm_split import GDNSpec, RegionSet, plan_reads
+    from ssm_split.nixl_backend._batchcopy import batch_copy_available
+    from ssm_split.nixl_backend._copier import DeviceCopier
+    from ssm_split.strategies import paged_copies
+
+    if engine == "copy-engines" and not batch_copy_available():
+        pytest.skip("this CUDA driver has no batched copies (CUDA >= 12.8)")
+    dst_gpu = torch.cuda.device_count() - 1
+    plan = plan_reads(GDNSpec(num_k_heads=2, num_v_heads=4, head_k_dim=32, head_v_dim=32), 2, 1, 0)
+    layers, blocks = 4, 8
+    srcs = [torch.randint(0, 255, (layers * blocks * plan.src_content_nbytes,), dtype=torch.uint8, device="cuda:0")
+            for _ in plan.src_ranks]
+    src_regions = [RegionSet.packed(t.data_ptr(), num_layers=layers, num_blocks=blocks,
+                                    page_nbytes=plan.src_content_nbytes) for t in srcs]
+    dst = torch.full((layers * blocks * plan.dst_content_nbytes,), 0xEE, dtype=torch.uint8, device=f"cuda:{dst_gpu}")
+    dst_regions = RegionSet.packed(dst.data_ptr(), num_layers=layers, num_blocks=blocks,
+                                   page_nbytes=plan.dst_content_nbytes)
+    pairs = np.array([[7, 0], [2, 5], [4, 3]])
+    table = paged_copies(plan, src_regions, dst_regions, pairs, piece_nbytes=1024, engine=engine)
+    launched = DeviceCopier(dst_gpu).launch(table)
+    launched.wait()
+    want = np.full(dst.numel(), 0xEE, np.uint8)
+    hosts = {t.data_ptr(): t.cpu().numpy() for t in srcs}
+    rows = table.expand()
+    for s, d, n in zip(rows.src_addrs.tolist(), rows.dst_addrs.tolist(), rows.nbytes.tolist()):
+        base = max(b for b in hosts if b <= s)
+        want[d - dst.data_ptr(): d - dst.data_ptr() + n] = hosts[base][s - base: s - base + n]
+    assert np.array_equal(dst.cpu().numpy(), want)
+    assert (want != 0xEE).sum() == rows.nbytes.sum()  # every copied byte was random, none left out
+
+
 def test_paged_kernel_rebuilds_pages_from_the_factored_table():
     """The peer strategy's kernel (`_gather.run_paged`) on one GPU: pages of a replicated
     Mamba2 1 -> 2 and a GDN 2 -> 1 (SD) batch, against the reference."""

@@ -49,6 +49,7 @@ pytest.importorskip("nixl")
 from ssm_split import GDNSpec, Mamba2Spec, model, plan_all  # noqa: E402
 from ssm_split.nixl_backend import Endpoint, Reader  # noqa: E402
 from ssm_split.specs import stack_layers  # noqa: E402
+from ssm_split.strategies import CostModel  # noqa: E402
 from tests.nixl._cluster import Case, expected_by_reads, random_src_memory  # noqa: E402
 from tests.nixl._peer import SrcEngine  # noqa: E402
 
@@ -81,7 +82,7 @@ def synchronize() -> None:
 
 # --- dst ranks in this process ----------------------------------------------------------
 
-def dst_ranks(case: Case, engine: SrcEngine, strategy: str = "auto"):
+def dst_ranks(case: Case, engine: SrcEngine, strategy: str = "auto", model=None):
     """Every dst rank's (endpoint, reader, memory), connected and warmed up."""
     sides = []
     for rank in range(case.dst_tp):
@@ -89,7 +90,7 @@ def dst_ranks(case: Case, engine: SrcEngine, strategy: str = "auto"):
         endpoint = Endpoint(case.spec, tp=case.dst_tp, rank=rank, memory=[memory],
                             regions=case.regions("dst", address(memory), DST_GPU))
         assert endpoint.num_threads == (4 if DEVICE == "cuda" else 0)  # the default by memory type
-        reader = Reader(endpoint, strategy=strategy, staging_nbytes=64 << 20)
+        reader = Reader(endpoint, strategy=strategy, staging_nbytes=64 << 20, model=model)
         for host, port in engine.addresses:
             reader.connect_to(host, port)
         reader.warm_up()
@@ -128,7 +129,18 @@ CASES = {
 }
 
 
-STRATEGIES = ["direct", "staged", "packed"] + (["peer"] if DEVICE == "cuda" else [])
+STRATEGIES = ["direct", "staged", "packed"] + (["peer-kernel", "peer-copy-engines"] if DEVICE == "cuda" else [])
+# the peer strategy's engine follows the cost model: these make one engine the cheaper
+PEER_MODELS = {"peer-kernel": CostModel(desc_s=8e-6, byte_s=2.7e-12, gather_byte_s=5e-13, ce_copy_s=1.0),
+               "peer-copy-engines": CostModel(desc_s=8e-6, byte_s=2.7e-12, gather_byte_s=5e-13, ce_copy_s=0.0,
+                                              ce_byte_s=0.0)}
+
+
+def peer_engine_expected(variant: str) -> str:
+    from ssm_split.nixl_backend._batchcopy import batch_copy_available
+
+    cross = SRC_GPU != DST_GPU and batch_copy_available()  # copy engines only between two GPUs
+    return "copy-engines" if variant == "peer-copy-engines" and cross else "kernel"
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -143,11 +155,13 @@ def test_vram_transfer_matches_the_reference(reference_engine, strategy):
     name, engine = reference_engine
     case = CASES[name]
     plans = plan_all(case.spec, case.src_tp, case.dst_tp)
-    sides = dst_ranks(case, engine, strategy)
+    sides = dst_ranks(case, engine, strategy.split("-")[0], model=PEER_MODELS.get(strategy))
     try:
         _, stats = read_all(sides, case.pairs_array, f"{name}-{strategy}")
         for rank, (_, _, memory) in enumerate(sides):
-            assert stats[rank].strategy == strategy
+            assert stats[rank].strategy == strategy.split("-")[0]
+            if strategy.startswith("peer"):
+                assert stats[rank].engine == peer_engine_expected(strategy)
             if strategy == "direct":
                 assert stats[rank].num_transfers == len(plans[rank].src_ranks)
             bad = mismatched_nbytes(memory, case.expected_dst(rank))

@@ -23,7 +23,7 @@ from ssm_split.layout import Buffer
 from ssm_split.nixl_backend._copier import HostCopier
 from ssm_split.nixl_backend._pack_src import PackArea, answer_pack, answer_release, order_to_wire
 from ssm_split.nixl_backend._run import ProgramRun
-from ssm_split.strategies import direct_program, pack_plan, packed_program, staged_program
+from ssm_split.strategies import CopyTable, direct_program, pack_plan, packed_program, staged_program
 
 POISON = 0xEE
 
@@ -183,6 +183,24 @@ def test_a_src_that_stays_busy_misses_the_deadline():
     cluster.busy_left = 10 ** 9
     with pytest.raises(TransferError, match="did not complete before the deadline"):
         cluster.run(_packed(cluster, np.array([[0, 1]])), deadline=time.monotonic() + 0.05)
+
+
+def test_copies_that_cannot_start_fail_the_batch_naming_it():
+    cluster = _Cluster(*CASES[1])
+
+    reads = cluster.copier  # the cluster's READs are host copies too: they still run
+
+    class RefusingCopier:  # as the GPU copier answers a driver that refuses a batch of copies
+        def launch(self, table):
+            if isinstance(table, CopyTable):
+                raise TransferError("The copy engines refused the batch: CUDA_ERROR_INVALID_VALUE")
+            return reads.launch(table)
+
+    cluster.copier = RefusingCopier()
+    program = staged_program(cluster.plan, cluster.src_regions, cluster.dst_regions, np.array([[0, 1]]),
+                             staging=cluster.staging)
+    with pytest.raises(TransferError, match=r"\[request 'batch'\].*wave 1 of 1.*could not start.*refused"):
+        cluster.run(program)
 
 
 def test_the_pack_area_leases_first_fit_and_expires():

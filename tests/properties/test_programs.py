@@ -25,6 +25,8 @@ from ssm_split.layout import Buffer
 from ssm_split.strategies import (CopyTable, PackLayout, apply_packed, direct_program, fetch_reads,
                                   mapped_regions, pack_copies, pack_plan, packed_program, peer_program,
                                   staged_program)
+from ssm_split.expand._expand import merged_reads
+from ssm_split.strategies import PEER_ENGINES
 from tests.strategies import paddings, rank_cases, seeds
 
 POISON, SRC_FILL = 0xE7, 0x3C
@@ -196,8 +198,8 @@ def test_packed_program_rebuilds_the_batch_in_waves(batch, halves, leases, parts
     world.check()
 
 
-@given(batch=_batches())
-def test_peer_program_copies_from_the_mapped_pages(batch):
+@given(batch=_batches(), engine=st.sampled_from(PEER_ENGINES))
+def test_peer_program_copies_from_the_mapped_pages(batch, engine):
     world = _World(batch)
     mapped, dst_mem = [], world.dst_mem
     for rank, regions in enumerate(world.src_regions):  # the dst sees each src buffer elsewhere
@@ -209,9 +211,12 @@ def test_peer_program_copies_from_the_mapped_pages(batch):
         dst_mem.add(at, world.src_mems[rank].spans[0][1])
     assert all(m == mapped_regions(r, [b.addr for b in m.buffers], 7)
                for m, r in zip(mapped, world.src_regions))  # the core's own mapping agrees
-    program = peer_program(world.plan, mapped, world.dst_regions, world.pairs, layers=world.layers)
+    program = peer_program(world.plan, mapped, world.dst_regions, world.pairs, layers=world.layers, engine=engine)
     assert len(program.waves) == 1 and not program.waves[0].reads
     paged = program.waves[0].scatter
+    assert paged.engine == engine
+    if engine == "copy-engines":  # the merged reads, whole: one copy each per (layer, request)
+        assert len(paged.pieces) == sum(len(merged_reads(world.plan, r)[0]) for r in world.plan.src_ranks)
     assert paged.total_nbytes == program.nbytes and paged.expand().total_nbytes == program.nbytes
     _run_copies(paged.expand(), dst_mem)
     world.check()
