@@ -66,8 +66,10 @@ def _enable_peer(lib, src_device: int, dst_device: int) -> None:
     if src_device == dst_device:
         return
     src_ctx, dst_ctx = ctypes.c_void_p(), ctypes.c_void_p()
-    assert lib.cuDevicePrimaryCtxRetain(ctypes.byref(src_ctx), src_device) == 0
-    assert lib.cuDevicePrimaryCtxRetain(ctypes.byref(dst_ctx), dst_device) == 0
+    for ctx, device in ((src_ctx, src_device), (dst_ctx, dst_device)):
+        rc = lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device)
+        if rc:
+            raise RuntimeError(f"cuDevicePrimaryCtxRetain({device}): {rc}")
     lib.cuCtxSetCurrent(dst_ctx)
     rc = lib.cuCtxEnablePeerAccess(src_ctx, 0)
     if rc not in (0, _ALREADY_ENABLED):
