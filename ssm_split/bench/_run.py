@@ -223,7 +223,7 @@ def format_records(records: Sequence[dict]) -> str:
     def pct(value):
         return f"{value:.0f}%" if value else "-"
 
-    rows = [[f"{r['model']} {r['src_tp']}->{r['dst_tp']} b{r['batch']}" + (" stacked" if r["pages"] == "stacked" else ""),
+    rows = [[f"{r['model']} {r['src_tp']}->{r['dst_tp']} b{r['batch']}" + (" stacked" * (r["pages"] == "stacked")),
              r["strategy"],
              "+".join(r["strategy_run"]) + "".join(f" ({e})" for e in r.get("peer_engine", ())),
              str(r["descriptors"]), f"{r['nbytes'] / 2**20:.0f} MiB",

@@ -76,7 +76,8 @@ def batch_copy(src_addrs: np.ndarray, dst_addrs: np.ndarray, nbytes: np.ndarray,
     the driver ignores for memory from `cudaMalloc` and CUDA IPC.)
 
     Returns:
-        The three arrays as passed to the driver (keep them until the copies are done).
+        The three arrays as passed to the driver. The driver reads them during the call;
+        the copier keeps them with the launch anyway, until its event has passed.
 
     Raises:
         IpcError: the driver has no batched copies, or refused the batch.
@@ -84,8 +85,11 @@ def batch_copy(src_addrs: np.ndarray, dst_addrs: np.ndarray, nbytes: np.ndarray,
     call = _batch_function()
     if not call:
         raise IpcError("this CUDA driver has no cuMemcpyBatchAsync (CUDA 12.8 or newer is needed)")
-    arrays = tuple(np.ascontiguousarray(a, dtype=np.uint64) for a in (dst_addrs, src_addrs, nbytes))
+    arrays = tuple(np.ascontiguousarray(a, dtype=np.uint64).reshape(-1) for a in (dst_addrs, src_addrs, nbytes))
     count = arrays[0].size
+    if any(a.size != count for a in arrays):
+        raise IpcError(f"a batch of copies needs as many sources and lengths as destinations, got "
+                       f"{[a.size for a in arrays]} (dst, src, nbytes)")
     if not count:
         return arrays
     hint = _Location(_LOCATION_TYPE_DEVICE, device_id)
@@ -93,8 +97,11 @@ def batch_copy(src_addrs: np.ndarray, dst_addrs: np.ndarray, nbytes: np.ndarray,
     first = np.zeros(1, dtype=np.uint64)  # the one attribute applies from copy 0 on
     fn, with_fail_index = call
     args = [a.ctypes.data for a in arrays] + [count, ctypes.byref(attrs), first.ctypes.data, 1]
+    failed = ctypes.c_size_t(count)
     if with_fail_index:
-        failed = ctypes.c_size_t()
         args.append(ctypes.byref(failed))
-    _check(fn(*args, stream_handle), f"cuMemcpyBatchAsync of {count} copies")
+    rc = fn(*args, stream_handle)
+    if rc:
+        where = f" (copy {failed.value}: {int(arrays[2][failed.value])} bytes)" if failed.value < count else ""
+        _check(rc, f"cuMemcpyBatchAsync of {count} copies{where}")
     return arrays

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import TransferError
 from ..strategies._paged import PagedCopies
 from ..strategies._program import CopyTable
-from ._batchcopy import batch_copy, batch_copy_available
+from ._batchcopy import batch_copy
 from ._ipc import IpcError
 
 __all__ = ["HostCopier", "DeviceCopier", "Launched", "make_copier"]
@@ -112,11 +112,6 @@ class DeviceCopier:
         self.device = torch.device("cuda", device_id)
         self._anchor = torch.empty(16, dtype=torch.uint8, device=self.device)
         self._stream = torch.cuda.Stream(device=self.device)
-
-    @property
-    def copy_engines(self) -> bool:
-        """Whether this copier can run `PagedCopies` for the copy engines."""
-        return batch_copy_available()
 
     def launch(self, table: CopyTable | PagedCopies) -> Launched:
         from ._gather import GatherTable, PagedTable, run_gather, run_paged

@@ -140,9 +140,17 @@ class ReaderPrograms:
                                copy_engines=self._copy_engines())
 
     def _same_device(self) -> bool:
-        peers = self.reader.peers
-        return all(peers[r].handshake.regions.device_id(0) == self.reader.endpoint.scratch.device_id
-                   for r in self.reader.plan.src_ranks)
+        """Whether every src rank's pages are on this reader's GPU: asked of the driver for
+        mapped ranks (device ids in two processes need not agree), else the handshake's."""
+        own, peers = self.reader.endpoint.scratch.device_id, self.reader.peers
+        for rank in self.reader.plan.src_ranks:
+            mapped = self._mappings.get(rank)
+            devices = mapped[0].src_device_ids if mapped is not None else None
+            if devices is None:
+                devices = (peers[rank].handshake.regions.device_id(0),)
+            if any(d != own for d in devices):
+                return False
+        return True
 
     def _copy_engines(self) -> bool:
         return self.reader.endpoint.mem_type == "VRAM" and batch_copy_available()

@@ -137,9 +137,9 @@ class ProgramRun:
             if wave.scatter is not None and wave.scatter.num_copies:
                 try:
                     state.scatter = self._copier.launch(wave.scatter)
-                except TransferError as error:  # the copies could not start (a driver refusal)
+                except Exception as error:  # the copies could not start (a driver or kernel refusal)
                     self._fail(f"the copies of wave {state.index + 1} of {len(self._waves)} could not "
-                               f"start: {error}", None)
+                               f"start: {type(error).__name__}: {error}", None)
             state.stage = "scattering"
         if state.stage == "scattering" and (state.scatter is None or state.scatter.done()):
             state.stage = "done"

@@ -56,6 +56,7 @@ from ._cost import DRAM_COST_MODEL as DRAM_COST_MODEL
 from ._choose import STRATEGY_ORDER as STRATEGY_ORDER
 from ._choose import SIMPLER_WITHIN as SIMPLER_WITHIN
 from ._choose import peer_engine as peer_engine
+from ._choose import pick_strategy as pick_strategy
 from ._choose import estimate_s as estimate_s
 from ._choose import choose_strategy as choose_strategy
 from ._cost import DEFAULT_COST_MODEL as DEFAULT_COST_MODEL
@@ -108,6 +109,7 @@ __all__ = [
     "STRATEGY_ORDER",
     "SIMPLER_WITHIN",
     "peer_engine",
+    "pick_strategy",
     "estimate_s",
     "choose_strategy",
     "DEFAULT_COST_MODEL",

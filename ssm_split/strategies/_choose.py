@@ -13,8 +13,9 @@ page times pages), with a `CostModel` `m`:
     peer     kernel:       B * m.peer_byte_s + m.gather_launch_s
              copy engines: pages * k * m.ce_copy_s + B * m.ce_byte_s   (k as for direct)
 
-`peer_engine` picks the peer strategy's engine: the copy engines where allowed (src and
-dst on different GPUs, a driver with batched copies) and cheaper, else the kernel. On
+`peer_engine` picks the peer strategy's engine: the copy engines where the caller allows
+them (`copy_engines=True`: a dst GPU whose driver has batched copies), src and dst are on
+different GPUs and the model prices them below the kernel; else the kernel. On
 one GPU the copy engines lose to the kernel by far on short copies
 (`benchmarks/results/batch-copy-probe-h200x2.json`), so they are not offered there.
 
@@ -23,21 +24,23 @@ one GPU the copy engines lose to the kernel by far on short copies
 `staged` and `packed` a staging area). `direct` and `peer` need nothing but the
 connection and compete on their estimates (ties: `direct`); `staged` and `packed` lease
 staging and run more steps, and the estimates are coarse, so they must be estimated at
-least `SIMPLER_WITHIN` cheaper than the best of the other two to be picked.
+least `SIMPLER_WITHIN` cheaper than the best of the other two to be picked
+(`pick_strategy`).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from ..errors import PlanError
 from ..expand._expand import merged_reads
 from ..plan._plan import Plan
 from ._cost import DEFAULT_COST_MODEL, CostModel
 from ._packing import pack_plan
+from ._paged import PEER_ENGINES
 from ._staging import stage_plan
 
-__all__ = ["STRATEGY_ORDER", "SIMPLER_WITHIN", "estimate_s", "choose_strategy", "peer_engine"]
+__all__ = ["STRATEGY_ORDER", "SIMPLER_WITHIN", "estimate_s", "choose_strategy", "pick_strategy", "peer_engine"]
 
 STRATEGY_ORDER = ("direct", "peer", "staged", "packed")
 """Simplest first: the pick among equal estimates."""
@@ -55,15 +58,18 @@ def _count(name: str, value: object, minimum: int) -> int:
     return value
 
 
+_KERNEL, _COPY_ENGINES = PEER_ENGINES
+
+
 def _peer_engine_s(plan: Plan, pages: int, model: CostModel) -> dict[str, float]:
     total = plan.nbytes * pages
     copies = pages * sum(len(merged_reads(plan, r)[0]) for r in plan.src_ranks)
-    return {"kernel": total * model.peer_byte_s + model.gather_launch_s,
-            "copy-engines": copies * model.ce_copy_s + total * model.ce_byte_s}
+    return {_KERNEL: total * model.peer_byte_s + model.gather_launch_s,
+            _COPY_ENGINES: copies * model.ce_copy_s + total * model.ce_byte_s}
 
 
 def peer_engine(plan: Plan, *, num_requests: int, num_layers: int, model: CostModel = DEFAULT_COST_MODEL,
-                same_device: bool = False, copy_engines: bool = True) -> str:
+                same_device: bool = False, copy_engines: bool = False) -> str:
     """The peer strategy's engine for a batch: `"copy-engines"` when `copy_engines` (the
     dst can hand batches of copies to the copy engines), src and dst are on different
     devices and the model prices it below the kernel; else `"kernel"`.
@@ -73,14 +79,14 @@ def peer_engine(plan: Plan, *, num_requests: int, num_layers: int, model: CostMo
     """
     pages = _count("num_requests", num_requests, 1) * _count("num_layers", num_layers, 1)
     if same_device or not copy_engines:
-        return "kernel"
+        return _KERNEL
     costs = _peer_engine_s(plan, pages, model)
-    return "copy-engines" if costs["copy-engines"] < costs["kernel"] else "kernel"
+    return _COPY_ENGINES if costs[_COPY_ENGINES] < costs[_KERNEL] else _KERNEL
 
 
 def estimate_s(strategy: str, plan: Plan, *, num_requests: int, num_layers: int,
                model: CostModel = DEFAULT_COST_MODEL, wave_nbytes: int | None = None,
-               same_device: bool = False, copy_engines: bool = True) -> float:
+               same_device: bool = False, copy_engines: bool = False) -> float:
     """The model's seconds for `strategy` to move `num_requests` requests of
     `num_layers` layers with `plan`.
 
@@ -123,7 +129,7 @@ def estimate_s(strategy: str, plan: Plan, *, num_requests: int, num_layers: int,
 
 def choose_strategy(plan: Plan, *, num_requests: int, num_layers: int, available: Sequence[str],
                     model: CostModel = DEFAULT_COST_MODEL, wave_nbytes: int | None = None,
-                    same_device: bool = False, copy_engines: bool = True) -> str:
+                    same_device: bool = False, copy_engines: bool = False) -> str:
     """The strategy of `available` to run (module doc): the cheaper of `direct` and `peer`,
     unless `staged` or `packed` is estimated `SIMPLER_WITHIN` cheaper still.
 
@@ -138,12 +144,23 @@ def choose_strategy(plan: Plan, *, num_requests: int, num_layers: int, available
     costs = {s: estimate_s(s, plan, num_requests=num_requests, num_layers=num_layers, model=model,
                            wave_nbytes=wave_nbytes, same_device=same_device, copy_engines=copy_engines)
              for s in names}
-    cheapest = lambda group: min(group, key=lambda s: (costs[s], names.index(s)))  # noqa: E731
+    return pick_strategy(costs)
+
+
+def pick_strategy(costs_s: Mapping[str, float]) -> str:
+    """The pick among estimated strategies (`costs_s`: strategy -> seconds, a non-empty
+    subset of `STRATEGY_ORDER`): the cheaper of `direct` and `peer` (ties: `direct`),
+    unless `staged` or `packed` costs at most `1 - SIMPLER_WITHIN` of it; with neither
+    `direct` nor `peer`, the cheaper of the others."""
+    names = [s for s in STRATEGY_ORDER if s in costs_s]
+    if not names or len(names) != len(costs_s):
+        raise PlanError(f"costs must name a non-empty subset of {STRATEGY_ORDER}, got {sorted(costs_s)!r}.")
+    cheapest = lambda group: min(group, key=lambda s: (costs_s[s], names.index(s)))  # noqa: E731
     plain = [s for s in names if s in _PLAIN]
     others = [s for s in names if s not in _PLAIN]
     if not plain:
         return cheapest(others)
     pick = cheapest(plain)
-    if others and costs[cheapest(others)] * (1 + SIMPLER_WITHIN) < costs[pick]:
+    if others and costs_s[cheapest(others)] <= costs_s[pick] * (1 - SIMPLER_WITHIN):
         return cheapest(others)
     return pick

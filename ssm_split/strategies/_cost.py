@@ -12,7 +12,7 @@ one superset span into staging, fixed up by one gather; `estimate_s` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -46,7 +46,7 @@ class CostModel:
     gather_byte_s: float
     gather_launch_s: float = 20e-6
     request_s: float = 300e-6
-    peer_byte_s: float = 2.7e-12
+    peer_byte_s: float = 2.9e-12
     ce_copy_s: float = 0.2e-6
     ce_byte_s: float = 2.76e-12
 
@@ -67,7 +67,7 @@ class CostModel:
         return self.desc_s + span_nbytes * self.byte_s + gathered_nbytes * self.gather_byte_s
 
 
-DEFAULT_COST_MODEL = CostModel(desc_s=3.3e-6, byte_s=2.66e-12, gather_byte_s=0.55e-12, peer_byte_s=2.9e-12)
+DEFAULT_COST_MODEL = CostModel(desc_s=3.3e-6, byte_s=2.66e-12, gather_byte_s=0.55e-12)
 """VRAM between two H200s joined by NVLink (NIXL 1.5.1 over cuda_ipc, UCX `num_threads=4`,
 `split_batch_size=1`), fitted to the Reader's own runs on 30 Nov 2026
 (`benchmarks/results/stacked-gpu.json`): `desc_s` and `byte_s` by `fit_cost_model` over the
@@ -76,31 +76,40 @@ pages (512 descriptors, 28 ms) of the same 9.85 GB; `peer_byte_s` from the peer 
 end to end with one decode rank (28.4-28.8 ms, ~345 GB/s); `gather_byte_s` from a copy
 kernel on one GPU (~1.8 TB/s); `ce_copy_s` and `ce_byte_s` from the copy engines against
 the kernel on the same batches (`benchmarks/results/batch-copy-probe-h200x2.json`: 0.2 us
-a copy, and 95% of the kernel's time per byte, scaled to the end-to-end `peer_byte_s`). The descriptor cost is what the GPU pair spends per
-descriptor with every decode rank reading at once (they share the copy engines)."""
+a copy, and 95% of the kernel's time per byte, scaled to the end-to-end `peer_byte_s`).
+The descriptor cost is what the GPU pair spends per descriptor with every decode rank
+reading at once (they share the copy engines). These are also `CostModel`'s defaults for
+the terms a caller leaves out."""
 
 DRAM_COST_MODEL = CostModel(desc_s=6e-6, byte_s=0.3e-9, gather_byte_s=0.25e-9, gather_launch_s=50e-6,
-                            request_s=400e-6, peer_byte_s=0.25e-9)
+                            request_s=400e-6, peer_byte_s=0.25e-9, ce_copy_s=6e-6, ce_byte_s=0.3e-9)
 """Host memory on a small CPU machine (UCX cma READs ~3 GB/s and ~5-7 us per descriptor,
-numpy copies ~4 GB/s; docs/performance.md)."""
+numpy copies ~4 GB/s; docs/performance.md). Host memory has no copy engines: their terms
+are priced as host copies, and readers on DRAM never offer them."""
 
 
 def fit_cost_model(descriptors: Sequence[int], nbytes: Sequence[int], seconds: Sequence[float],
-                   *, gather_byte_s: float = DEFAULT_COST_MODEL.gather_byte_s,
-                   gather_launch_s: float = DEFAULT_COST_MODEL.gather_launch_s) -> CostModel:
+                   **measured: float) -> CostModel:
     """Least-squares fit of `seconds ~ desc_s * descriptors + byte_s * nbytes`.
 
     Args:
         descriptors, nbytes, seconds: one entry per timed READ (at least two, not all
             with the same descriptor size).
-        gather_byte_s, gather_launch_s: passed through (measured separately).
+        measured: the other terms, measured separately (`gather_byte_s`,
+            `gather_launch_s`, `request_s`, `peer_byte_s`, `ce_copy_s`, `ce_byte_s`);
+            each one left out is `DEFAULT_COST_MODEL`'s.
 
     Returns:
         A `CostModel`; a coefficient the data would make negative is clipped to 0.
 
     Raises:
-        PlanError: fewer than two samples, or lengths that differ.
+        PlanError: fewer than two samples, lengths that differ, or an unknown term.
     """
+    fitted = ("desc_s", "byte_s")
+    unknown = sorted(set(measured) - (set(CostModel.__slots__) - set(fitted)))
+    if unknown:
+        raise PlanError(f"fit_cost_model: unknown or fitted terms {unknown}; pass only the measured "
+                        f"ones of {sorted(set(CostModel.__slots__) - set(fitted))}.")
     d = np.asarray(descriptors, dtype=float)
     b = np.asarray(nbytes, dtype=float)
     t = np.asarray(seconds, dtype=float)
@@ -112,7 +121,7 @@ def fit_cost_model(descriptors: Sequence[int], nbytes: Sequence[int], seconds: S
     a = np.stack([d * w, b * w], axis=1)
     coef, *_ = np.linalg.lstsq(a, t * w, rcond=None)
     desc_s, byte_s = (float(max(c, 0.0)) for c in coef)
-    return CostModel(desc_s, byte_s, gather_byte_s, gather_launch_s)
+    return replace(DEFAULT_COST_MODEL, desc_s=desc_s, byte_s=byte_s, **measured)
 
 
 def choose_groups(reads: Sequence[Read], model: CostModel = DEFAULT_COST_MODEL) -> tuple[tuple[Read, ...], ...]:

@@ -96,6 +96,25 @@ def test_device_copier_runs_paged_copies_on_either_engine(engine):
     assert int(rows.nbytes.sum()) == plan.nbytes * len(pairs) * layers  # every read of every page, once
 
 
+def test_a_batch_the_copy_engines_refuse_is_a_transfer_error(monkeypatch):
+    from ssm_split import GDNSpec, RegionSet, plan_reads
+    from ssm_split.errors import TransferError
+    from ssm_split.nixl_backend import _copier
+    from ssm_split.nixl_backend._ipc import IpcError
+    from ssm_split.strategies import paged_copies
+
+    def refuse(*args, **kwargs):
+        raise IpcError("cuMemcpyBatchAsync of 3 copies failed: CUDA_ERROR_INVALID_VALUE")
+
+    monkeypatch.setattr(_copier, "batch_copy", refuse)
+    plan = plan_reads(GDNSpec(num_k_heads=2, num_v_heads=4, head_k_dim=8, head_v_dim=8), 1, 1, 0)
+    pages = torch.zeros(4 * plan.src_content_nbytes, dtype=torch.uint8, device="cuda:0")
+    regions = RegionSet.packed(pages.data_ptr(), num_layers=1, num_blocks=4, page_nbytes=plan.src_content_nbytes)
+    table = paged_copies(plan, [regions], regions, np.array([[0, 1]]), engine="copy-engines")
+    with pytest.raises(TransferError, match="copy engines refused the batch.*INVALID_VALUE"):
+        _copier.DeviceCopier(0).launch(table)
+
+
 def test_paged_kernel_rebuilds_pages_from_the_factored_table():
     """The peer strategy's kernel (`_gather.run_paged`) on one GPU: pages of a replicated
     Mamba2 1 -> 2 and a GDN 2 -> 1 (SD) batch, against the reference."""

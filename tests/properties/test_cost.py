@@ -92,6 +92,9 @@ def test_fit_recovers_exact_costs(desc_s, byte_s, rows):
 def test_fit_and_model_reject_bad_input():
     with pytest.raises(PlanError, match=">= 2 samples"):
         fit_cost_model([1], [2], [3.0])
+    with pytest.raises(PlanError, match="unknown or fitted terms"):
+        fit_cost_model([1, 2], [2, 8], [3.0, 4.0], desc_s=1.0)
+    assert fit_cost_model([1, 2], [2, 8], [3.0, 4.0], ce_copy_s=1e-6).ce_copy_s == 1e-6
     with pytest.raises(PlanError, match="desc_s"):
         CostModel(desc_s=-1.0, byte_s=0.0, gather_byte_s=0.0)
 
@@ -100,7 +103,7 @@ def test_fit_and_model_reject_bad_input():
 
 from ssm_split.specs import preset_info  # noqa: E402
 from ssm_split.strategies import (SIMPLER_WITHIN, STRATEGY_ORDER, choose_strategy, estimate_s,  # noqa: E402
-                                  peer_engine, stack_layers)
+                                  peer_engine, pick_strategy, stack_layers)
 
 DESCRIPTORS_DEAR = CostModel(desc_s=1.0, byte_s=1e-15, gather_byte_s=1e-15, request_s=1e-9, peer_byte_s=1e-15,
                              ce_copy_s=1.0, ce_byte_s=1e-15)
@@ -123,36 +126,44 @@ def test_dear_descriptors_pick_packing_and_dear_bytes_pick_direct(case, requests
     assert choose_strategy(plan, num_requests=requests, num_layers=layers, available=["packed"]) == "packed"
 
 
+@pytest.mark.parametrize("costs, pick", [
+    ({"direct": 100.0, "peer": 100.0}, "direct"),  # ties go to the simpler
+    ({"direct": 100.0, "peer": 99.0, "staged": 95.0}, "peer"),  # 4% below peer: not enough
+    ({"direct": 100.0, "staged": 94.9}, "staged"),  # more than 5% below direct
+    ({"direct": 100.0, "staged": 95.0, "packed": 96.0}, "staged"),  # exactly 5% below
+    ({"peer": 10.0, "packed": 9.6}, "peer"),
+    ({"staged": 3.0, "packed": 2.0}, "packed"),  # neither direct nor peer can run
+])
+def test_staging_strategies_must_be_5_percent_cheaper_than_direct_and_peer(costs, pick):
+    assert SIMPLER_WITHIN == 0.05
+    assert pick_strategy(costs) == pick
+    with pytest.raises(PlanError, match="non-empty subset"):
+        pick_strategy({"teleport": 1.0})
+
+
 @given(case=rank_cases(max_tp=4), requests=st.integers(1, 32), layers=st.integers(1, 4),
-       available=st.sets(st.sampled_from(STRATEGY_ORDER), min_size=1), same_device=st.booleans())
-def test_staging_strategies_must_beat_direct_and_peer_clearly(case, requests, layers, available, same_device):
+       available=st.sets(st.sampled_from(STRATEGY_ORDER), min_size=1), same_device=st.booleans(),
+       copy_engines=st.booleans())
+def test_choose_strategy_picks_from_the_estimates(case, requests, layers, available, same_device, copy_engines):
     plan = plan_reads(*case)
-    kw = dict(num_requests=requests, num_layers=layers, same_device=same_device)
+    kw = dict(num_requests=requests, num_layers=layers, same_device=same_device, copy_engines=copy_engines)
     pick = choose_strategy(plan, available=available, **kw)
-    costs = {s: estimate_s(s, plan, **kw) for s in available}
-    plain = {s: c for s, c in costs.items() if s in ("direct", "peer")}
     assert pick in available
-    if not plain:
-        assert costs[pick] == min(costs.values())
-    elif pick in plain:
-        assert costs[pick] == min(plain.values())
-        assert all(c * (1 + SIMPLER_WITHIN) >= costs[pick] for s, c in costs.items() if s not in plain)
-    else:
-        assert costs[pick] * (1 + SIMPLER_WITHIN) < min(plain.values())
+    assert pick == pick_strategy({s: estimate_s(s, plan, **kw) for s in available})
 
 
 @given(case=rank_cases(max_tp=4), requests=st.integers(1, 32), layers=st.integers(1, 4))
 def test_the_peer_engine_is_the_cheaper_one_where_copy_engines_may_run(case, requests, layers):
     plan = plan_reads(*case)
     kw = dict(num_requests=requests, num_layers=layers)
-    assert peer_engine(plan, same_device=True, **kw) == "kernel"
-    assert peer_engine(plan, copy_engines=False, **kw) == "kernel"
-    assert peer_engine(plan, model=BYTES_DEAR, **kw) == "kernel"  # the kernel is cheaper per byte there
     cheap_copies = CostModel(desc_s=1.0, byte_s=1.0, gather_byte_s=1.0, peer_byte_s=1.0, ce_copy_s=0.0,
                              ce_byte_s=0.5)
-    assert peer_engine(plan, model=cheap_copies, **kw) == "copy-engines"
-    assert estimate_s("peer", plan, model=cheap_copies, **kw) < estimate_s("peer", plan, model=cheap_copies,
-                                                                           copy_engines=False, **kw)
+    assert peer_engine(plan, model=cheap_copies, copy_engines=True, **kw) == "copy-engines"
+    assert peer_engine(plan, model=cheap_copies, copy_engines=True, same_device=True, **kw) == "kernel"
+    assert peer_engine(plan, model=cheap_copies, **kw) == "kernel"  # not offered unless the caller says so
+    assert peer_engine(plan, model=BYTES_DEAR, copy_engines=True, **kw) == "kernel"  # dearer per byte there
+    assert estimate_s("peer", plan, model=cheap_copies, copy_engines=True, **kw) < \
+        estimate_s("peer", plan, model=cheap_copies, **kw)
 
 
 @pytest.mark.parametrize("src_tp, dst_tp", [(1, 2), (2, 1)])
@@ -164,12 +175,13 @@ def test_the_default_model_picks_what_the_gpus_measured(src_tp, dst_tp):
     layers = info.num_state_layers
     per_layer = plan_reads(info.spec, src_tp, dst_tp, 0)
     stacked = plan_reads(stack_layers(info.spec, layers), src_tp, dst_tp, 0)
-    kw = dict(num_requests=64, available=STRATEGY_ORDER, wave_nbytes=1 << 30)
+    kw = dict(num_requests=64, available=STRATEGY_ORDER, wave_nbytes=1 << 30, copy_engines=True)
     assert choose_strategy(per_layer, num_layers=layers, **kw) == "peer"
-    assert peer_engine(per_layer, num_requests=64, num_layers=layers) == "kernel"
+    assert peer_engine(per_layer, num_requests=64, num_layers=layers, copy_engines=True) == "kernel"
     assert choose_strategy(stacked, num_layers=1, **kw) == "peer"
-    assert peer_engine(stacked, num_requests=64, num_layers=1) == "copy-engines"
-    assert choose_strategy(stacked, num_layers=1, **kw, copy_engines=False) == "direct"
+    assert peer_engine(stacked, num_requests=64, num_layers=1, copy_engines=True) == "copy-engines"
+    assert choose_strategy(stacked, num_layers=1, **{**kw, "copy_engines": False}) == "direct"
+    assert choose_strategy(stacked, num_layers=1, **{**kw, "same_device": True}) == "direct"  # one GPU
     assert choose_strategy(stacked, num_layers=1, **{**kw, "available": ["direct", "staged"]}) == "direct"
 
 
