@@ -27,7 +27,6 @@ __all__ = ["PeerExport", "host_id", "export_buffers", "PeerMapping", "IpcError",
 
 _LAZY_ENABLE_PEER_ACCESS = 1
 _HANDLE_NBYTES = 64
-_POINTER_DEVICE_ORDINAL = 9  # CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
 
 
 class IpcError(RuntimeError):
@@ -54,7 +53,6 @@ def _driver() -> ctypes.CDLL:
         lib.cuIpcGetMemHandle.argtypes = [c.POINTER(_Handle), c.c_uint64]
         lib.cuIpcOpenMemHandle_v2.argtypes = [c.POINTER(c.c_uint64), _Handle, c.c_uint]
         lib.cuIpcCloseMemHandle.argtypes = [c.c_uint64]
-        lib.cuPointerGetAttribute.argtypes = [c.c_void_p, c.c_int, c.c_uint64]
         _DRIVER = lib
     return _DRIVER
 
@@ -122,11 +120,8 @@ class PeerMapping:
     """A peer's exported buffers mapped into this process, on `device_id`'s context.
 
     Each distinct handle is opened once; `addrs[i]` is where buffer `i` is visible here.
-    `src_device_ids` are the devices the mapped memory lives on, as this process numbers
-    them (asked of the driver: device ids in two processes' handshakes need not agree,
-    e.g. under per-process `CUDA_VISIBLE_DEVICES`), or None where the driver would not
-    say. `close()` unmaps everything (idempotent); keep the mapping open while any
-    kernel reading it may run.
+    `close()` unmaps everything (idempotent); keep the mapping open while any kernel
+    reading it may run.
 
     Raises:
         IpcError: a handle does not open (another host, a dead or foreign process, IPC
@@ -151,20 +146,6 @@ class PeerMapping:
             self.close()
             raise
         self.addrs = tuple(self._opened[e.handle] + e.offset for e in exports)
-        self.src_device_ids = self._devices(lib)
-
-    def _devices(self, lib: ctypes.CDLL) -> tuple[int, ...] | None:
-        found = []
-        try:
-            with _device_context(self.device_id):
-                for ptr in self._opened.values():
-                    ordinal = ctypes.c_int(-1)
-                    _check(lib.cuPointerGetAttribute(ctypes.byref(ordinal), _POINTER_DEVICE_ORDINAL, ptr),
-                           "cuPointerGetAttribute(DEVICE_ORDINAL)")
-                    found.append(int(ordinal.value))
-        except IpcError:
-            return None
-        return tuple(found)
 
     def close(self) -> None:
         if not self._opened:

@@ -140,17 +140,13 @@ class ReaderPrograms:
                                copy_engines=self._copy_engines())
 
     def _same_device(self) -> bool:
-        """Whether every src rank's pages are on this reader's GPU: asked of the driver for
-        mapped ranks (device ids in two processes need not agree), else the handshake's."""
+        """Whether every src rank's pages are on this reader's GPU, by the handshakes'
+        device ids. Engines that number their GPUs per process (`CUDA_VISIBLE_DEVICES`)
+        all say 0 and look alike: peer batches then keep the kernel, which is correct on
+        either placement. (The driver's device ordinal of an IPC mapping names the GPU
+        it was opened on, not the one holding the memory: measured on two H200s.)"""
         own, peers = self.reader.endpoint.scratch.device_id, self.reader.peers
-        for rank in self.reader.plan.src_ranks:
-            mapped = self._mappings.get(rank)
-            devices = mapped[0].src_device_ids if mapped is not None else None
-            if devices is None:
-                devices = (peers[rank].handshake.regions.device_id(0),)
-            if any(d != own for d in devices):
-                return False
-        return True
+        return all(peers[r].handshake.regions.device_id(0) == own for r in self.reader.plan.src_ranks)
 
     def _copy_engines(self) -> bool:
         return self.reader.endpoint.mem_type == "VRAM" and batch_copy_available()
