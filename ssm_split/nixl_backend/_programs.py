@@ -228,7 +228,10 @@ class ReaderPrograms:
             self._copier = make_copier(own.mem_type, own.scratch.device_id, arrays)
         return self._copier
 
-    def program(self, name: str, pairs: np.ndarray, layers: object, staging: Buffer | None = None) -> Program:
+    def program(self, name: str, pairs: np.ndarray, layers: object, staging: Buffer | None = None, *,
+                counts: tuple[int, int]) -> Program:
+        """The core's program of strategy `name` for the batch; `counts` is the batch's
+        `(num_requests, num_layers)` as the reader counted them for `choose`."""
         reader = self.reader
         plan, own = reader.plan, reader.endpoint
         src_regions = {r: reader.peers[r].handshake.regions for r in plan.src_ranks}
@@ -242,10 +245,8 @@ class ReaderPrograms:
             return packed_program(plan, src_regions, own.regions, pairs, staging=staging,
                                   src_pack_limits=limits, layers=layers)
         if name == "peer":
-            num_layers = own.regions.num_layers if layers is None else len(np.asarray(layers).reshape(-1))
-            engine = peer_engine(plan, num_requests=max(len(pairs), 1), num_layers=max(num_layers, 1),
-                                 model=self.model, same_device=self._same_device(),
-                                 copy_engines=self._copy_engines())
+            engine = peer_engine(plan, num_requests=counts[0], num_layers=counts[1], model=self.model,
+                                 same_device=self._same_device(), copy_engines=self._copy_engines())
             return peer_program(plan, {r: self._mappings[r][1] for r in plan.src_ranks}, own.regions, pairs,
                                 layers=layers, engine=engine)
         raise PlanError(f"no program for strategy {name!r}")

@@ -325,13 +325,13 @@ class Reader:
         for rank in plan.src_ranks:
             self._peer(rank)
         num_layers = self.endpoint.regions.num_layers if layers is None else len(np.asarray(layers).reshape(-1))
-        num_requests = max(pairs.shape[0] if pairs.ndim == 2 else 1, 1)
+        counts = (max(pairs.shape[0] if pairs.ndim == 2 else 1, 1), max(num_layers, 1))  # requests, layers
         self._batches = self._programs.release_finished(self._batches)  # staging of batches over
-        name, lease, staging = self._programs.choose_and_lease(num_requests, max(num_layers, 1), strategy)
+        name, lease, staging = self._programs.choose_and_lease(*counts, strategy)
         if name == "direct" and self.prepare == "once":
             return self._start_prepared(pairs, layers, request_ids, ids, deadline)
         try:
-            program = self._programs.program(name, pairs, layers, staging)
+            program = self._programs.program(name, pairs, layers, staging, counts=counts)
             blocks, layer_set = set(program.block_pairs[:, 1].tolist()), set(program.layers.tolist())
             self.endpoint.inflight.check_free(blocks, layer_set)
             check = self._guard.prepare(plan, list(program.src_ranks), program.layers, program.block_pairs,

@@ -28,6 +28,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ pytest.importorskip("nixl")
 from ssm_split import GDNSpec, Mamba2Spec, model, plan_all  # noqa: E402
 from ssm_split.nixl_backend import Endpoint, Reader  # noqa: E402
 from ssm_split.specs import stack_layers  # noqa: E402
-from ssm_split.strategies import CostModel  # noqa: E402
+from ssm_split.strategies import DEFAULT_COST_MODEL  # noqa: E402
 from tests.nixl._cluster import Case, expected_by_reads, random_src_memory  # noqa: E402
 from tests.nixl._peer import SrcEngine  # noqa: E402
 
@@ -131,9 +132,8 @@ CASES = {
 
 STRATEGIES = ["direct", "staged", "packed"] + (["peer-kernel", "peer-copy-engines"] if DEVICE == "cuda" else [])
 # the peer strategy's engine follows the cost model: these make one engine the cheaper
-PEER_MODELS = {"peer-kernel": CostModel(desc_s=8e-6, byte_s=2.7e-12, gather_byte_s=5e-13, ce_copy_s=1.0),
-               "peer-copy-engines": CostModel(desc_s=8e-6, byte_s=2.7e-12, gather_byte_s=5e-13, ce_copy_s=0.0,
-                                              ce_byte_s=0.0)}
+PEER_MODELS = {"peer-kernel": replace(DEFAULT_COST_MODEL, ce_copy_s=1.0),
+               "peer-copy-engines": replace(DEFAULT_COST_MODEL, ce_copy_s=0.0, ce_byte_s=0.0)}
 
 
 def peer_engine_expected(variant: str) -> str:
